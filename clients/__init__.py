@@ -1,0 +1,1 @@
+"""Client side: local training, evaluation and the Flower ClientApp."""

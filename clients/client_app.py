@@ -1,0 +1,42 @@
+"""The ClientApp: local training on the client's own non-IID shard."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients import runtime
+from clients.local_update import local_update
+from clients.task import TrainTask
+
+app = ClientApp()
+
+
+def partition_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Handshake: tell the server which partition this node holds, so that it can map
+    node ids to partition ids deterministically."""
+    metrics = MetricRecord({
+        "partition-id": partition_id(context),
+        "num-partitions": int(context.node_config.get("num-partitions", 0)),
+    })
+    return Message(RecordDict({"metrics": metrics, "placement": ConfigRecord(runtime.placement())}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    task = TrainTask.from_config(msg.content["config"])
+    runtime.configure_threads(task.client_cpus)
+    global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    state, metrics = local_update(task, partition_id(context), global_state)
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()}),
+        "metrics": MetricRecord(metrics),
+        "placement": ConfigRecord(runtime.placement()),
+    })
+    return Message(content, reply_to=msg)

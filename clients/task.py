@@ -1,0 +1,50 @@
+"""What a client is asked to do, as sent in the train message's ConfigRecord.
+
+The server builds it from the run settings; the client parses it back. Carrying the
+federation spec in every message means a ClientApp needs no run config of its own, so
+`fedfuse run` and `flwr run .` drive the same ClientApp."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from data import FederationSpec, InputSpec
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    federation: FederationSpec = field(default_factory=FederationSpec)
+    model: str = "simple-cnn"
+    pretrained: bool = True
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    client_cpus: float = 1.0
+    proximal_mu: float = 0.0  # FedProx sets "proximal-mu" itself; 0 is plain SGD
+    server_round: int = 0
+
+    def to_config(self) -> dict:
+        """Flat kebab-case dict of scalars, as a Flower ConfigRecord holds."""
+        values = {k: v for k, v in asdict(self).items() if k != "federation"}
+        values.update(self.federation.to_dict())
+        return {k.replace("_", "-"): v for k, v in values.items()}
+
+    @classmethod
+    def from_config(cls, config) -> "TrainTask":
+        kwargs = {"federation": FederationSpec.from_mapping(config)}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if f.name != "federation" and key in config:
+                kwargs[f.name] = type(f.default)(config[key])
+        return cls(**kwargs)
+
+
+def input_spec(model_name: str, dataset) -> "InputSpec":
+    """How a batch of the dataset's uint8 images becomes this model's input."""
+    import models
+
+    info = models.info(model_name)
+    mean, std = info.normalization or (dataset.mean, dataset.std)
+    return InputSpec(info.input_channels, info.input_size, tuple(mean), tuple(std))

@@ -1,0 +1,1 @@
+"""Server side: settings, the ServerApp, progress display and the run directory."""

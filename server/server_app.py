@@ -1,0 +1,147 @@
+"""The ServerApp: run settings -> strategy, central evaluation, run directory."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+import models
+import strategies
+from clients.task import input_spec
+from clients.training import evaluate
+from data import BatchLoader, build_federation, label_skew
+from server.progress import ProgressGrid, RunProgress
+from server.results import RunDirectory
+from server.settings import RunSettings, SettingsError
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for `flwr run .`: settings come from [tool.flwr.app.config]."""
+    settings = RunSettings.from_mapping(context.run_config)
+    settings.validate()
+    run_federation(grid, settings, RunProgress(settings.rounds, enabled=False))
+
+
+def map_nodes_to_partitions(grid: Grid, expected_clients: int, timeout: float = 600.0) -> dict[int, int]:
+    """Ask every node which partition it holds (a 'query' message)."""
+    deadline = time.time() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected_clients and time.time() < deadline:
+        time.sleep(0.5)
+    messages = [
+        Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in node_ids
+    ]
+    mapping: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}")
+        mapping[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
+    partitions = sorted(mapping.values())
+    if partitions != list(range(expected_clients)):
+        raise SettingsError(
+            f"the federation has partitions {partitions[:5]}... but --clients is {expected_clients}: "
+            "set num-supernodes to the number of clients"
+        )
+    return mapping
+
+
+def _arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> dict:
+    """Run all rounds and write the run directory; returns the summary."""
+    started = time.perf_counter()
+    spec = settings.federation
+    federation = build_federation(spec)
+    histogram = federation.histogram()
+    out = RunDirectory(settings.out)
+    out.start(settings.to_dict(), {
+        "classes": list(federation.data.classes),
+        "histogram": histogram,
+        "proxy_size": len(federation.proxy_indices),
+        "label_skew": label_skew(histogram),
+    })
+
+    torch.manual_seed(spec.seed)
+    model = models.create(settings.model, federation.num_classes, pretrained=settings.pretrained)
+    test_loader = BatchLoader(federation.data.test_images, federation.data.test_labels,
+                              input_spec(settings.model, federation.data), batch_size=500)
+
+    strategy = strategies.build(settings.strategy, proximal_mu=settings.proximal_mu)
+    strategy.sampler = strategies.PartitionSampler(
+        map_nodes_to_partitions(grid, spec.clients), settings.fraction, settings.min_clients, spec.seed
+    )
+    history: list[dict] = []
+
+    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        models.load_exchanged_state(model, {k: v.numpy() for k, v in arrays.items()})
+        result = evaluate(model, test_loader)
+        if server_round == 0:
+            history.append({"round": 0, "accuracy": result["accuracy"], "loss": result["loss"]})
+            return MetricRecord({"accuracy": result["accuracy"], "loss": result["loss"]})
+        record = strategy.current
+        row = {
+            "round": server_round,
+            "accuracy": result["accuracy"],
+            "loss": result["loss"],
+            "bytes_up": record.bytes_up,
+            "bytes_down": record.bytes_down,
+            "aggregate_s": record.aggregate_s,
+            "round_s": time.perf_counter() - record.started,
+            "clients_ok": record.clients_ok,
+            "clients_failed": record.clients_failed,
+            "clients_rejected": record.clients_rejected,
+        }
+        history.append(row)
+        out.append("metrics.jsonl", [row])
+        out.append("clients.jsonl", record.clients)
+        progress.round_done(row)
+        return MetricRecord({"accuracy": result["accuracy"], "loss": result["loss"]})
+
+    log(INFO, "fedfuse: %s on %s (%s), %d clients, %d rounds",
+        settings.strategy, spec.dataset, spec.partition, spec.clients, settings.rounds)
+    result = strategy.start(
+        grid=ProgressGrid(grid, progress),
+        initial_arrays=_arrays(models.exchanged_state(model)),
+        num_rounds=settings.rounds,
+        train_config=ConfigRecord(settings.train_task().to_config()),
+        evaluate_fn=central_evaluation,
+    )
+    models.load_exchanged_state(model, {k: v.numpy() for k, v in result.arrays.items()})
+    rounds = [r for r in history if r["round"] > 0]
+    summary = {
+        "strategy": settings.strategy,
+        "dataset": spec.dataset,
+        "partition": spec.partition,
+        "alpha": spec.alpha,
+        "classes_per_client": spec.classes_per_client,
+        "clients": spec.clients,
+        "model": settings.model,
+        "seed": spec.seed,
+        "rounds": len(rounds),
+        "initial_accuracy": history[0]["accuracy"],
+        "final_accuracy": rounds[-1]["accuracy"] if rounds else history[0]["accuracy"],
+        "best_accuracy": max(r["accuracy"] for r in history),
+        "accuracy_curve": [r["accuracy"] for r in history],
+        "bytes_up": sum(r["bytes_up"] for r in rounds),
+        "bytes_down": sum(r["bytes_down"] for r in rounds),
+        "mean_round_s": float(np.mean([r["round_s"] for r in rounds])) if rounds else 0.0,
+        "mean_aggregate_s": float(np.mean([r["aggregate_s"] for r in rounds])) if rounds else 0.0,
+        "label_skew": label_skew(histogram),
+        "wall_s": time.perf_counter() - started,
+    }
+    out.finish(summary, {
+        "model": settings.model, "num_classes": federation.num_classes,
+        "state_dict": model.state_dict(), "settings": settings.to_dict(),
+    })
+    return summary

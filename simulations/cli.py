@@ -1,0 +1,129 @@
+"""`fedfuse`: run, compare and benchmark federated simulations."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULTS_NOTE = "defaults: Fashion-MNIST, Dirichlet alpha 0.5, 10 clients, simple-cnn"
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="one federated simulation", description=f"One simulation ({DEFAULTS_NOTE}).")
+    p.add_argument("--strategy", default="fedavg", help="fedavg or fedprox")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, cifar10, mnist-5k, digits, synthetic")
+    p.add_argument("--data-root", default="", help="folder of the dataset's files (default: its offline location)")
+    p.add_argument("--download", action="store_true", help="allow downloading the dataset (online only)")
+    p.add_argument("--partition", default="dirichlet", help="iid, dirichlet or pathological")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration: smaller is more skewed")
+    p.add_argument("--classes-per-client", type=int, default=2, help="#C for the pathological partition")
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--fraction", type=float, default=1.0, help="share of clients sampled per round")
+    p.add_argument("--min-clients", type=int, default=1, help="sample at least this many clients per round")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
+    p.add_argument("--model", default="simple-cnn")
+    p.add_argument("--projection", action=argparse.BooleanOptionalAction, default=False,
+                   help="train projected convolutions (pretrained backbones)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random initial weights")
+    p.add_argument("--proxy-size", type=int, default=1000, help="training samples held out as the server's unlabeled proxy set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/latest", help="run directory")
+    p.add_argument("--client-cpus", type=float, default=1.0, help="CPUs Ray reserves per client (and torch threads)")
+    p.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per client: 0.5 puts two clients on a GPU")
+    p.add_argument("--ray-address", default="", help="join a running Ray cluster ('auto' or HOST:PORT)")
+    p.add_argument("--ray-num-cpus", type=int, default=0, help="CPUs of the local Ray instance (0: all)")
+    p.add_argument("--ray-num-gpus", type=float, default=-1.0, help="GPUs Ray declares locally (-1: detect)")
+    p.add_argument("--quiet", action="store_true", help="no live progress")
+    p.add_argument("--verbose", action="store_true", help="Flower's and Ray's own logs")
+
+
+def settings_from_args(args: argparse.Namespace):
+    from data import FederationSpec
+    from server.settings import RunSettings
+
+    federation = FederationSpec(
+        dataset=args.dataset, partition=args.partition, alpha=args.alpha,
+        classes_per_client=args.classes_per_client, clients=args.clients, proxy_size=args.proxy_size,
+        seed=args.seed, data_root=args.data_root, download=args.download,
+    )
+    return RunSettings(
+        federation=federation, strategy=args.strategy, model=args.model, pretrained=args.pretrained,
+        projection=args.projection, rounds=args.rounds, fraction=args.fraction, min_clients=args.min_clients,
+        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, client_cpus=args.client_cpus,
+        client_gpus=args.client_gpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
+        ray_num_gpus=args.ray_num_gpus, out=args.out,
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"fedfuse: error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from data import build_federation
+    from simulations.simulate import simulate
+    from simulations.tables import histogram_table, print_tables, summary_table
+
+    try:  # every check happens here, before Ray starts and before --out is touched
+        settings = settings_from_args(args)
+        settings.validate()
+        federation = build_federation(settings.federation)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err))
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    if not args.quiet:
+        print_tables(histogram_table(federation.histogram()), console=console)
+    simulate(settings, show_progress=not args.quiet, verbose=args.verbose)
+    print_tables(summary_table([settings.out], title=f"fedfuse run -> {settings.out}"), console=console)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from simulations.tables import curve_table, print_tables, summary_table
+
+    missing = [d for d in args.runs if not (Path(d) / "summary.json").exists()]
+    if missing:
+        return _fail(f"no summary.json in {', '.join(missing)}: run `fedfuse run --out DIR` first")
+    print_tables(curve_table(args.runs), summary_table(args.runs, title="comparison"))
+    return 0
+
+
+def cmd_overhead(args: argparse.Namespace) -> int:
+    from simulations.overhead import main as overhead_main
+
+    return overhead_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedfuse", description="Federated simulations on Flower: fusion vs FedAvg.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    compare = sub.add_parser("compare", help="tables of finished runs side by side")
+    compare.add_argument("runs", nargs="+", help="run directories")
+    overhead = sub.add_parser("bench-overhead", help="Flower+Ray round time against a plain training loop")
+    overhead.add_argument("--clients", type=int, default=10)
+    overhead.add_argument("--rounds", type=int, default=3)
+    overhead.add_argument("--dataset", default="fashion-mnist")
+    overhead.add_argument("--out", default="runs/bench-overhead")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, "compare": cmd_compare, "bench-overhead": cmd_overhead}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

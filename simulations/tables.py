@@ -1,0 +1,73 @@
+"""Terminal tables: per-client class histograms and run summaries."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+
+def histogram_table(histogram: np.ndarray, title: str = "samples per client and class") -> Table:
+    histogram = np.asarray(histogram)
+    table = Table(title=title, show_edge=False, pad_edge=False)
+    table.add_column("client", justify="right")
+    for c in range(histogram.shape[1]):
+        table.add_column(str(c), justify="right")
+    table.add_column("total", justify="right")
+    for i, row in enumerate(histogram):
+        table.add_row(str(i), *[str(v) if v else "." for v in row], str(int(row.sum())))
+    return table
+
+
+SUMMARY_COLUMNS = [
+    ("run", lambda s, d: d),
+    ("strategy", lambda s, d: s["strategy"]),
+    ("split", lambda s, d: _partition_label(s)),
+    ("rounds", lambda s, d: str(s["rounds"])),
+    ("final acc", lambda s, d: f"{s['final_accuracy']:.4f}"),
+    ("best acc", lambda s, d: f"{s['best_accuracy']:.4f}"),
+    ("MB up", lambda s, d: f"{s['bytes_up'] / 1e6:.2f}"),
+    ("MB down", lambda s, d: f"{s['bytes_down'] / 1e6:.2f}"),
+    ("s/round", lambda s, d: f"{s['mean_round_s']:.2f}"),
+    ("aggregate s", lambda s, d: f"{s['mean_aggregate_s']:.4f}"),
+]
+
+
+def _partition_label(summary: dict) -> str:
+    if summary["partition"] == "dirichlet":
+        return f"dir({summary['alpha']:g})"
+    if summary["partition"] == "pathological":
+        return f"#C={summary['classes_per_client']}"
+    return summary["partition"]
+
+
+def summary_table(run_dirs: list[str | Path], title: str = "results") -> Table:
+    table = Table(title=title)
+    for name, _ in SUMMARY_COLUMNS:
+        table.add_column(name, justify="left" if name in ("run", "strategy", "split") else "right")
+    for run_dir in run_dirs:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+        table.add_row(*[fn(summary, Path(run_dir).name) for _, fn in SUMMARY_COLUMNS])
+    return table
+
+
+def curve_table(run_dirs: list[str | Path]) -> Table:
+    """Accuracy per round, one column per run."""
+    curves = {Path(d).name: json.loads((Path(d) / "summary.json").read_text())["accuracy_curve"] for d in run_dirs}
+    table = Table(title="test accuracy per round")
+    table.add_column("round", justify="right")
+    for name in curves:
+        table.add_column(name, justify="right")
+    for r in range(max(len(c) for c in curves.values())):
+        table.add_row(str(r), *[f"{c[r]:.4f}" if r < len(c) else "" for c in curves.values()])
+    return table
+
+
+def print_tables(*tables: Table, console: Console | None = None) -> None:
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    for table in tables:
+        console.print(table)

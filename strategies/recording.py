@@ -1,0 +1,106 @@
+"""A mixin that puts every Flower strategy under the same run discipline: seeded
+sampling by partition id, validation of replies, arrival-order-free aggregation, and a
+record of each round (timings, bytes, per-client lines) for the run directory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+
+from strategies.sampling import FixedNodes, PartitionSampler
+from strategies.validation import reply_problem
+
+
+@dataclass
+class RoundRecord:
+    server_round: int
+    started: float
+    clients_sent: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    aggregate_s: float = 0.0
+    clients_ok: int = 0
+    clients_failed: int = 0
+    clients_rejected: int = 0
+    clients: list[dict] = field(default_factory=list)
+
+
+def mean_train_loss(records, weighted_by_key: str) -> MetricRecord:
+    """Example-weighted mean of the clients' training loss (the only train metric
+    worth averaging; timings and ids are per client and go to clients.jsonl)."""
+    pairs = [(r["metrics"]["loss"], r["metrics"][weighted_by_key]) for r in records]
+    total = sum(w for _, w in pairs)
+    return MetricRecord({"train-loss": sum(l * w for l, w in pairs) / total})
+
+
+class RecordedRounds:
+    """Place before the Flower strategy in the bases: class X(RecordedRounds, FedAvg)."""
+
+    sampler: PartitionSampler | None = None
+    current: RoundRecord | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+        self.current = RoundRecord(server_round, started=time.perf_counter())
+        self._expected = {k: (tuple(v.shape), v.numpy().dtype) for k, v in arrays.items()}
+        if self.sampler is not None:
+            grid = FixedNodes(grid, self.sampler.sample_nodes(server_round))
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.current.clients_sent = len(messages)
+        self.current.bytes_down = arrays.count_bytes() * len(messages)
+        return messages
+
+    def _partition(self, msg: Message) -> int:
+        if not msg.has_error() and "metrics" in msg.content.metric_records:
+            return int(msg.content.metric_records["metrics"].get("partition-id", -1))
+        return self.sampler.partition_of(msg.metadata.src_node_id) if self.sampler else -1
+
+    def aggregate_train(self, server_round: int, replies):
+        record = self.current or RoundRecord(server_round, started=time.perf_counter())
+        valid: list[Message] = []
+        for msg in replies:
+            line = {"round": server_round, "partition": self._partition(msg), "node": msg.metadata.src_node_id}
+            if msg.has_error():
+                line.update(status="failed", reason=msg.error.reason)
+                record.clients_failed += 1
+                log(WARNING, "round %d: client %d (node %d) failed: %s",
+                    server_round, line["partition"], line["node"], msg.error.reason)
+            elif (problem := reply_problem(msg.content, self._expected)) is not None:
+                line.update(status="rejected", reason=problem)
+                record.clients_rejected += 1
+                log(WARNING, "round %d: rejected update of client %d (node %d): %s",
+                    server_round, line["partition"], line["node"], problem)
+            else:
+                line.update(status="ok", **_client_fields(msg))
+                valid.append(msg)
+                record.clients_ok += 1
+                record.bytes_up += msg.content["arrays"].count_bytes()
+            record.clients.append(line)
+        record.clients.sort(key=lambda c: c["partition"])
+        # Floating-point sums depend on order: aggregate in partition order, not arrival order.
+        valid.sort(key=self._partition)
+        started = time.perf_counter()
+        arrays, metrics = super().aggregate_train(server_round, valid) if valid else (None, None)
+        record.aggregate_s = time.perf_counter() - started
+        if not valid:
+            log(WARNING, "round %d: no valid update, keeping the previous global model", server_round)
+        self.current = record
+        return arrays, metrics
+
+
+def _client_fields(msg: Message) -> dict:
+    metrics = msg.content.metric_records["metrics"]
+    placement = msg.content.config_records.get("placement", {})
+    return {
+        "num_examples": int(metrics["num-examples"]),
+        "train_s": float(metrics.get("train-s", 0.0)),
+        "loss": float(metrics.get("loss", float("nan"))),
+        "bytes_up": msg.content["arrays"].count_bytes(),
+        "host": placement.get("host", ""),
+        "pid": placement.get("pid", ""),
+        "device": placement.get("device", ""),
+        "gpu_ids": placement.get("gpu-ids", ""),
+    }
