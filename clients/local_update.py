@@ -45,6 +45,5 @@ def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.
         "loss": float(stats["loss"]),
         "train-s": float(stats["train_s"]),
         "steps": int(stats["steps"]),
-        "bytes-up": models.state_bytes(state),
     }
     return state, metrics

@@ -173,21 +173,46 @@ def _mnist_5k(root: Path | None, download: bool) -> ImageDataset:
 @register("cifar10")
 def _cifar10(root: Path | None, download: bool) -> ImageDataset:
     """CIFAR-10 from a local torchvision folder (the one holding cifar-10-batches-py/).
-    Downloads only when asked (--download) and online."""
-    from torchvision.datasets import CIFAR10
-
+    Downloads (through torchvision, checksummed) only when asked and online."""
     root = root or Path(os.environ.get("FEDFUSE_CIFAR10", "~/.cache/fedfuse/cifar10")).expanduser()
-    if not download and not (root / "cifar-10-batches-py").is_dir():
+    batches = root / "cifar-10-batches-py"
+    if download and not batches.is_dir():
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(str(root), train=True, download=True)
+    if not batches.is_dir():
         raise DatasetError(
-            f"CIFAR-10 not found in {root} (expected {root}/cifar-10-batches-py): "
-            "pass --data-root DIR with a torchvision CIFAR-10 folder, or add --download when online"
+            f"CIFAR-10 not found in {root} (expected {batches}): pass --data-root DIR holding a "
+            "torchvision cifar-10-batches-py folder, or add --download when online"
         )
+    train = [_read_cifar_batch(batches / f"data_batch_{i}") for i in range(1, 6)]
+    test_x, test_y = _read_cifar_batch(batches / "test_batch")
+    meta = _unpickle(batches / "batches.meta")
+    classes = [c.decode() if isinstance(c, bytes) else c for c in meta.get(b"label_names", meta.get("label_names", []))]
+    return _make("cifar10", np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+                 test_x, test_y, classes)
+
+
+def _unpickle(path: Path) -> dict:
+    # The format torchvision reads: pickled dicts with byte keys (latin1 for Python 2 pickles).
+    import pickle
+
+    if not path.exists():
+        raise DatasetError(f"CIFAR-10 file {path} is missing: replace the cifar-10-batches-py folder")
     try:
-        train = CIFAR10(str(root), train=True, download=download)
-        test = CIFAR10(str(root), train=False, download=download)
-    except RuntimeError as err:  # torchvision's integrity check failed
-        raise DatasetError(f"CIFAR-10 in {root} is incomplete ({err}): replace the folder") from err
-    return _make("cifar10", train.data, train.targets, test.data, test.targets, train.classes)
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError) as err:
+        raise DatasetError(f"CIFAR-10 file {path} is unreadable ({err}): replace it") from err
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    entry = _unpickle(path)
+    flat = np.asarray(entry.get("data", entry.get(b"data")), dtype=np.uint8)
+    labels = entry.get("labels", entry.get(b"labels", entry.get("fine_labels")))
+    if flat.ndim != 2 or flat.shape[1] != 3 * 32 * 32 or len(labels) != len(flat):
+        raise DatasetError(f"CIFAR-10 file {path} has an unexpected layout {flat.shape}: replace it")
+    return flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(labels, dtype=np.int64)
 
 
 @register("synthetic")

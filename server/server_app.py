@@ -104,7 +104,10 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         }
         history.append(row)
         out.append("metrics.jsonl", [row])
-        out.append("clients.jsonl", record.clients)
+        out.append("clients.jsonl", [
+            {**line, "class_counts": histogram[line["partition"]]} if line["partition"] >= 0 else line
+            for line in record.clients
+        ])
         progress.round_done(row)
         return MetricRecord({"accuracy": result["accuracy"], "loss": result["loss"]})
 

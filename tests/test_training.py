@@ -1,0 +1,66 @@
+import copy
+
+import numpy as np
+import torch
+
+import data
+import models
+from clients import training
+from clients.task import TrainTask, input_spec
+from data import BatchLoader
+
+
+def _loader(n=1200, seed=0):
+    ds = data.load("synthetic")
+    spec = input_spec("simple-cnn", ds)
+    return BatchLoader(ds.train_images[:n], ds.train_labels[:n], spec, batch_size=32, shuffle=True, seed=seed), \
+        BatchLoader(ds.test_images, ds.test_labels, spec, batch_size=200)
+
+
+def test_local_training_learns_the_synthetic_classes():
+    train_loader, test_loader = _loader()
+    torch.manual_seed(0)
+    model = models.create("simple-cnn", 10)
+    before = training.evaluate(model, test_loader)
+    stats = training.train(model, train_loader, epochs=2, lr=0.05)
+    after = training.evaluate(model, test_loader)
+    assert stats["steps"] == 2 * len(train_loader)
+    assert after["accuracy"] > before["accuracy"] + 0.3 and after["loss"] < before["loss"]
+
+
+def test_fedprox_term_keeps_local_weights_closer_to_the_global_ones():
+    torch.manual_seed(0)
+    start = models.create("simple-cnn", 10)
+
+    def drift(mu):
+        model = copy.deepcopy(start)
+        train_loader, _ = _loader(seed=1)
+        training.train(model, train_loader, epochs=2, lr=0.05, proximal_mu=mu)
+        return sum(((p - q) ** 2).sum().item() for p, q in zip(model.parameters(), start.parameters()))
+
+    assert drift(1.0) < 0.5 * drift(0.0)
+
+
+def test_train_task_round_trips_through_a_flat_config():
+    task = TrainTask(federation=data.FederationSpec(dataset="digits", alpha=0.1, clients=7), lr=0.2, local_epochs=3)
+    config = task.to_config()
+    assert config["classes-per-client"] == 2 and config["local-epochs"] == 3
+    assert all(isinstance(v, (int, float, str, bool)) for v in config.values())
+    config["proximal-mu"] = 0.5  # what flwr's FedProx adds
+    parsed = TrainTask.from_config(config)
+    assert parsed.federation == task.federation and parsed.lr == 0.2 and parsed.proximal_mu == 0.5
+
+
+def test_exchanged_state_round_trips_and_refuses_a_wrong_shape():
+    a, b = models.create("simple-cnn", 10), models.create("simple-cnn", 10)
+    state = models.exchanged_state(a)
+    models.load_exchanged_state(b, state)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(a(x), b(x))
+    state["0.weight"] = np.zeros((1, 1))
+    try:
+        models.load_exchanged_state(b, state)
+    except ValueError as err:
+        assert "0.weight" in str(err)
+    else:
+        raise AssertionError("wrong shape accepted")
