@@ -32,25 +32,33 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def map_nodes_to_partitions(grid: Grid, expected_clients: int, timeout: float = 600.0) -> dict[int, int]:
-    """Ask every node which partition it holds (a 'query' message)."""
+    """Ask every node which partition it holds (a 'query' message); wait for nodes that
+    connect late (deployment), but fail at once if the federation has another size."""
     deadline = time.time() + timeout
-    while len(node_ids := list(grid.get_node_ids())) < expected_clients and time.time() < deadline:
-        time.sleep(0.5)
-    messages = [
-        Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
-        for n in node_ids
-    ]
     mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}")
-        mapping[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
+    while len(mapping) < expected_clients:
+        new_nodes = [n for n in grid.get_node_ids() if n not in mapping]
+        messages = [
+            Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in new_nodes
+        ]
+        for reply in grid.send_and_receive(messages, timeout=timeout) if messages else []:
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}")
+            metrics = reply.content["metrics"]
+            if metrics["num-partitions"] not in (0, expected_clients):
+                raise SettingsError(
+                    f"the federation has {metrics['num-partitions']} simulated nodes but clients is "
+                    f"{expected_clients}: set num-supernodes to {expected_clients} (see README)"
+                )
+            mapping[reply.metadata.src_node_id] = int(metrics["partition-id"])
+        if len(mapping) < expected_clients:
+            if time.time() > deadline:
+                raise RuntimeError(f"only {len(mapping)} of {expected_clients} nodes connected in {timeout:.0f}s")
+            time.sleep(1.0)
     partitions = sorted(mapping.values())
     if partitions != list(range(expected_clients)):
-        raise SettingsError(
-            f"the federation has partitions {partitions[:5]}... but --clients is {expected_clients}: "
-            "set num-supernodes to the number of clients"
-        )
+        raise SettingsError(f"nodes hold partitions {partitions[:5]}...; expected 0..{expected_clients - 1}")
     return mapping
 
 
@@ -64,6 +72,7 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
     spec = settings.federation
     federation = build_federation(spec)
     histogram = federation.histogram()
+    node_to_partition = map_nodes_to_partitions(grid, spec.clients)
     out = RunDirectory(settings.out)
     out.start(settings.to_dict(), {
         "classes": list(federation.data.classes),
@@ -79,7 +88,7 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
 
     strategy = strategies.build(settings.strategy, proximal_mu=settings.proximal_mu)
     strategy.sampler = strategies.PartitionSampler(
-        map_nodes_to_partitions(grid, spec.clients), settings.fraction, settings.min_clients, spec.seed
+        node_to_partition, settings.fraction, settings.min_clients, spec.seed
     )
     history: list[dict] = []
 
