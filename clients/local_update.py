@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import zlib
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
@@ -13,14 +14,14 @@ import torch
 
 import models
 from clients import runtime, training
-from clients.task import TrainTask, input_spec
+from clients.task import TrainTask
 from data import BatchLoader, build_federation
 
 
 @lru_cache(maxsize=2)
-def _initial_model(name: str, num_classes: int, pretrained: bool) -> torch.nn.Module:
-    # Built (and for backbones, weights loaded) once per worker process.
-    return models.create(name, num_classes, pretrained=pretrained)
+def _initial_model(task: TrainTask, num_classes: int) -> torch.nn.Module:
+    # Built (and for backbones, weights loaded) once per worker process and phase.
+    return task.build_model(num_classes)
 
 
 def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -28,13 +29,13 @@ def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.
     federation = build_federation(task.federation)
     if not 0 <= partition_id < len(federation.client_indices):
         raise ValueError(f"partition {partition_id} does not exist: the federation has {task.federation.clients} clients")
-    model = copy.deepcopy(_initial_model(task.model, federation.num_classes, task.pretrained))
+    model = copy.deepcopy(_initial_model(replace(task, server_round=0), federation.num_classes))
     models.load_exchanged_state(model, global_state)
     images, labels = federation.client_data(partition_id)
     # A distinct, reproducible shuffle per (seed, round, client).
     seed = zlib.crc32(f"{task.federation.seed}/{task.server_round}/{partition_id}".encode())
     torch.manual_seed(seed)
-    loader = BatchLoader(images, labels, input_spec(task.model, federation.data), task.batch_size,
+    loader = BatchLoader(images, labels, task.input_spec(federation.data), task.batch_size,
                          shuffle=True, seed=seed, device=device)
     stats = training.train(model, loader, task.local_epochs, task.lr, task.momentum,
                            task.weight_decay, task.proximal_mu, device)

@@ -16,6 +16,10 @@ class TrainTask:
     federation: FederationSpec = field(default_factory=FederationSpec)
     model: str = "simple-cnn"
     pretrained: bool = True
+    weights: str = ""  # local checkpoint for timm models
+    projection: bool = False
+    pointwise: str = "freeze"  # what projection does with 1x1 convs: project, freeze, train
+    resolution: int = 0  # input side in pixels; 0: the model's default
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 0.01
@@ -41,10 +45,21 @@ class TrainTask:
         return cls(**kwargs)
 
 
-def input_spec(model_name: str, dataset) -> "InputSpec":
+    def build_model(self, num_classes: int):
+        """The model clients train: created, then projected when asked."""
+        import models
+
+        model = models.create(self.model, num_classes, pretrained=self.pretrained, weights=self.weights or None)
+        return models.project(model, pointwise=self.pointwise, inplace=True) if self.projection else model
+
+    def input_spec(self, dataset) -> InputSpec:
+        return input_spec(self.model, dataset, self.resolution)
+
+
+def input_spec(model_name: str, dataset, resolution: int = 0) -> InputSpec:
     """How a batch of the dataset's uint8 images becomes this model's input."""
     import models
 
     info = models.info(model_name)
     mean, std = info.normalization or (dataset.mean, dataset.std)
-    return InputSpec(info.input_channels, info.input_size, tuple(mean), tuple(std))
+    return InputSpec(info.input_channels, resolution or info.input_size, tuple(mean), tuple(std))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from logging import INFO
 
 import numpy as np
@@ -13,7 +14,6 @@ from flwr.serverapp import Grid, ServerApp
 
 import models
 import strategies
-from clients.task import input_spec
 from clients.training import evaluate
 from data import BatchLoader, build_federation, label_skew
 from server.progress import ProgressGrid, RunProgress
@@ -28,7 +28,7 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run .`: settings come from [tool.flwr.app.config]."""
     settings = RunSettings.from_mapping(context.run_config)
     settings.validate()
-    run_federation(grid, settings, RunProgress(settings.rounds, enabled=False))
+    run_federation(grid, settings, RunProgress(settings.total_rounds, enabled=False))
 
 
 def map_nodes_to_partitions(grid: Grid, expected_clients: int, timeout: float = 600.0) -> dict[int, int]:
@@ -67,7 +67,10 @@ def _arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> dict:
-    """Run all rounds and write the run directory; returns the summary."""
+    """Run all rounds and write the run directory; returns the summary.
+
+    With --full-finetune-rounds K, the projected global model is folded after the
+    projected rounds and K more rounds train every weight, with the same strategy."""
     started = time.perf_counter()
     spec = settings.federation
     federation = build_federation(spec)
@@ -82,25 +85,26 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
     })
 
     torch.manual_seed(spec.seed)
-    model = models.create(settings.model, federation.num_classes, pretrained=settings.pretrained)
+    task = settings.train_task()
+    model = task.build_model(federation.num_classes)
     test_loader = BatchLoader(federation.data.test_images, federation.data.test_labels,
-                              input_spec(settings.model, federation.data), batch_size=500)
-
-    strategy = strategies.build(settings.strategy, proximal_mu=settings.proximal_mu)
-    strategy.sampler = strategies.PartitionSampler(
-        node_to_partition, settings.fraction, settings.min_clients, spec.seed
-    )
+                              task.input_spec(federation.data), batch_size=250)
+    sampler = strategies.PartitionSampler(node_to_partition, settings.fraction, settings.min_clients, spec.seed)
     history: list[dict] = []
+    log(INFO, "fedfuse: %s on %s (%s), %d clients, %d rounds",
+        settings.strategy, spec.dataset, spec.partition, spec.clients, settings.total_rounds)
 
-    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def central_evaluation(strategy, full_finetune: bool, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         models.load_exchanged_state(model, {k: v.numpy() for k, v in arrays.items()})
         result = evaluate(model, test_loader)
-        if server_round == 0:
-            history.append({"round": 0, "accuracy": result["accuracy"], "loss": result["loss"]})
-            return MetricRecord({"accuracy": result["accuracy"], "loss": result["loss"]})
+        metrics = MetricRecord({"accuracy": result["accuracy"], "loss": result["loss"]})
+        if server_round == 0:  # the phase's starting model
+            if not history:
+                history.append({"round": 0, "accuracy": result["accuracy"], "loss": result["loss"]})
+            return metrics
         record = strategy.current
         row = {
-            "round": server_round,
+            "round": record.server_round,
             "accuracy": result["accuracy"],
             "loss": result["loss"],
             "bytes_up": record.bytes_up,
@@ -110,6 +114,7 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
             "clients_ok": record.clients_ok,
             "clients_failed": record.clients_failed,
             "clients_rejected": record.clients_rejected,
+            "projected": task.projection,
         }
         history.append(row)
         out.append("metrics.jsonl", [row])
@@ -118,18 +123,26 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
             for line in record.clients
         ])
         progress.round_done(row)
-        return MetricRecord({"accuracy": result["accuracy"], "loss": result["loss"]})
+        return metrics
 
-    log(INFO, "fedfuse: %s on %s (%s), %d clients, %d rounds",
-        settings.strategy, spec.dataset, spec.partition, spec.clients, settings.rounds)
-    result = strategy.start(
-        grid=ProgressGrid(grid, progress),
-        initial_arrays=_arrays(models.exchanged_state(model)),
-        num_rounds=settings.rounds,
-        train_config=ConfigRecord(settings.train_task().to_config()),
-        evaluate_fn=central_evaluation,
-    )
-    models.load_exchanged_state(model, {k: v.numpy() for k, v in result.arrays.items()})
+    phases = [(settings.rounds, False)] + ([(settings.full_finetune_rounds, True)] if settings.full_finetune_rounds else [])
+    done = 0
+    for num_rounds, full_finetune in phases:
+        if full_finetune:
+            model = models.fold(model)
+            task = settings.train_task(full_finetune=True)
+        strategy = strategies.build(settings.strategy, proximal_mu=settings.proximal_mu)
+        strategy.sampler, strategy.round_offset = sampler, done
+        result = strategy.start(
+            grid=ProgressGrid(grid, progress),
+            initial_arrays=_arrays(models.exchanged_state(model)),
+            num_rounds=num_rounds,
+            train_config=ConfigRecord(task.to_config()),
+            evaluate_fn=partial(central_evaluation, strategy, full_finetune),
+        )
+        models.load_exchanged_state(model, {k: v.numpy() for k, v in result.arrays.items()})
+        done += num_rounds
+
     rounds = [r for r in history if r["round"] > 0]
     summary = {
         "strategy": settings.strategy,
@@ -139,6 +152,9 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         "classes_per_client": spec.classes_per_client,
         "clients": spec.clients,
         "model": settings.model,
+        "projection": settings.projection,
+        "pointwise": settings.pointwise if settings.projection else "",
+        "full_finetune_rounds": settings.full_finetune_rounds,
         "seed": spec.seed,
         "rounds": len(rounds),
         "initial_accuracy": history[0]["accuracy"],
@@ -152,8 +168,9 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         "label_skew": label_skew(histogram),
         "wall_s": time.perf_counter() - started,
     }
+    # The saved model is plain (folded): it loads into models.create(name, classes).
     out.finish(summary, {
         "model": settings.model, "num_classes": federation.num_classes,
-        "state_dict": model.state_dict(), "settings": settings.to_dict(),
+        "state_dict": models.fold(model).state_dict(), "settings": settings.to_dict(),
     })
     return summary

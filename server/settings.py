@@ -4,6 +4,7 @@ in full before Ray starts."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 
 import data
@@ -23,7 +24,11 @@ class RunSettings:
     strategy: str = "fedavg"
     model: str = "simple-cnn"
     pretrained: bool = True
+    weights: str = ""
     projection: bool = False
+    pointwise: str = "freeze"
+    resolution: int = 0
+    full_finetune_rounds: int = 0
     rounds: int = 10
     fraction: float = 1.0
     min_clients: int = 1
@@ -47,20 +52,30 @@ class RunSettings:
 
     @classmethod
     def from_mapping(cls, values) -> "RunSettings":
-        """From a flat mapping such as Flower's run config (kebab-case keys)."""
+        """From a flat mapping such as Flower's run config (kebab-case keys). Without a
+        `projection` key, projection is on for pretrained backbones."""
         kwargs = {"federation": FederationSpec.from_mapping(values)}
         for f in fields(cls):
             key = f.name.replace("_", "-")
             if f.name != "federation" and key in values:
                 kwargs[f.name] = type(f.default)(values[key])
+        if "projection" not in values:
+            kwargs["projection"] = default_projection(kwargs.get("model", cls.model), kwargs.get("pretrained", True))
         return cls(**kwargs)
 
-    def train_task(self) -> TrainTask:
+    def train_task(self, full_finetune: bool = False) -> TrainTask:
+        """The clients' task; `full_finetune` is the phase after folding, where every
+        weight trains."""
         return TrainTask(
-            federation=self.federation, model=self.model, pretrained=self.pretrained,
-            local_epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
-            momentum=self.momentum, weight_decay=self.weight_decay, client_cpus=self.client_cpus,
+            federation=self.federation, model=self.model, pretrained=self.pretrained, weights=self.weights,
+            projection=self.projection and not full_finetune, pointwise=self.pointwise,
+            resolution=self.resolution, local_epochs=self.local_epochs, batch_size=self.batch_size,
+            lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, client_cpus=self.client_cpus,
         )
+
+    @property
+    def total_rounds(self) -> int:
+        return self.rounds + self.full_finetune_rounds
 
     def validate(self) -> "data.ImageDataset":
         """Raise SettingsError (or DatasetError/ModelError/PartitionError, all
@@ -68,8 +83,20 @@ class RunSettings:
         if self.strategy not in strategies.names():
             raise SettingsError(f"unknown --strategy '{self.strategy}': choose one of {', '.join(strategies.names())}")
         models.info(self.model)
-        if self.projection:
-            raise SettingsError("--projection is not available yet for this model: run with --no-projection")
+        if self.pointwise not in models.POINTWISE_POLICIES:
+            raise SettingsError(f"--pointwise must be one of {', '.join(models.POINTWISE_POLICIES)}, got '{self.pointwise}'")
+        if self.full_finetune_rounds < 0 or int(self.full_finetune_rounds) != self.full_finetune_rounds:
+            raise SettingsError(f"--full-finetune-rounds must be a whole number >= 0, got {self.full_finetune_rounds}")
+        if self.full_finetune_rounds and not self.projection:
+            raise SettingsError("--full-finetune-rounds continues a projected run: add --projection")
+        if self.resolution and not (8 <= self.resolution <= 1024):
+            raise SettingsError(f"--resolution must be between 8 and 1024 pixels, got {self.resolution}")
+        if self.model == "simple-cnn" and self.resolution not in (0, 28):
+            raise SettingsError("simple-cnn takes 28x28 input: drop --resolution")
+        if self.weights and not Path(self.weights).is_file():
+            raise SettingsError(f"--weights {self.weights} does not exist: give the path of a checkpoint file")
+        if self.model.startswith("timm:") and self.pretrained and not self.weights:
+            _check_timm_weights_reachable(self.model)
         _positive_int("--rounds", self.rounds)
         _positive_int("--local-epochs", self.local_epochs)
         _positive_int("--batch-size", self.batch_size)
@@ -100,6 +127,33 @@ class RunSettings:
             spec.clients, spec.alpha, spec.classes_per_client,
         )
         return dataset
+
+
+def default_projection(model: str, pretrained: bool) -> bool:
+    """Projection is the default for pretrained backbones, off for models from scratch."""
+    return bool(pretrained and models.info(model).pretrained)
+
+
+def _check_timm_weights_reachable(model: str) -> None:
+    """Fail in a second, not after a minute of download retries, when pretrained timm
+    weights are neither cached nor downloadable."""
+    import socket
+
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model.removeprefix("timm:"))
+    repo = getattr(cfg, "hf_hub_id", None) if cfg else None
+    if repo and any(isinstance(try_to_load_from_cache(repo, f), str)
+                    for f in ("model.safetensors", "pytorch_model.bin")):
+        return
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        raise SettingsError(
+            f"no cached pretrained weights for {model} and no network: pass --weights PATH "
+            "or --no-pretrained"
+        ) from None
 
 
 def _positive_int(flag: str, value: int) -> None:

@@ -29,9 +29,15 @@ def _run_parser(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
     p.add_argument("--model", default="simple-cnn")
-    p.add_argument("--projection", action=argparse.BooleanOptionalAction, default=False,
-                   help="train projected convolutions (pretrained backbones)")
+    p.add_argument("--projection", action=argparse.BooleanOptionalAction, default=None,
+                   help="train projected convolutions: one scale per channel pair over frozen kernels "
+                        "(default: on for pretrained backbones)")
+    p.add_argument("--pointwise", default="freeze", help="projection's policy for 1x1 convs: project, freeze or train")
+    p.add_argument("--full-finetune-rounds", type=int, default=0,
+                   help="after the projected rounds, fold the model and fine-tune every weight for K more rounds")
+    p.add_argument("--resolution", type=int, default=0, help="input side in pixels for ImageNet backbones (0: model default)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random initial weights")
+    p.add_argument("--weights", default="", help="local checkpoint for a timm:NAME model")
     p.add_argument("--proxy-size", type=int, default=1000, help="training samples held out as the server's unlabeled proxy set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="run directory")
@@ -46,7 +52,7 @@ def _run_parser(sub) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     from data import FederationSpec
-    from server.settings import RunSettings
+    from server.settings import RunSettings, default_projection
 
     federation = FederationSpec(
         dataset=args.dataset, partition=args.partition, alpha=args.alpha,
@@ -55,7 +61,10 @@ def settings_from_args(args: argparse.Namespace):
     )
     return RunSettings(
         federation=federation, strategy=args.strategy, model=args.model, pretrained=args.pretrained,
-        projection=args.projection, rounds=args.rounds, fraction=args.fraction, min_clients=args.min_clients,
+        weights=args.weights, pointwise=args.pointwise, resolution=args.resolution,
+        full_finetune_rounds=args.full_finetune_rounds,
+        projection=default_projection(args.model, args.pretrained) if args.projection is None else args.projection,
+        rounds=args.rounds, fraction=args.fraction, min_clients=args.min_clients,
         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, client_cpus=args.client_cpus,
         client_gpus=args.client_gpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,

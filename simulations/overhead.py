@@ -19,7 +19,6 @@ from rich.table import Table
 import models
 from clients import runtime, training
 from clients.local_update import local_update
-from clients.task import input_spec
 from data import BatchLoader, FederationSpec, build_federation
 from server.results import read_jsonl
 from server.settings import RunSettings
@@ -31,9 +30,9 @@ def plain_loop(settings: RunSettings) -> list[dict]:
     task = settings.train_task()
     federation = build_federation(settings.federation)
     torch.manual_seed(settings.federation.seed)
-    model = models.create(settings.model, federation.num_classes, pretrained=settings.pretrained)
+    model = task.build_model(federation.num_classes)
     test = BatchLoader(federation.data.test_images, federation.data.test_labels,
-                       input_spec(settings.model, federation.data), batch_size=500)
+                       task.input_spec(federation.data), batch_size=250)
     global_state = models.exchanged_state(model)
     rows = []
     for server_round in range(1, settings.rounds + 1):

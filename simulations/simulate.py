@@ -61,7 +61,7 @@ def simulate(settings: RunSettings, show_progress: bool = True, verbose: bool = 
 
     @server_app.main()
     def _main(grid, context):
-        with RunProgress(settings.rounds, enabled=show_progress) as progress:
+        with RunProgress(settings.total_rounds, enabled=show_progress) as progress:
             summaries.append(run_federation(grid, settings, progress))
 
     try:

@@ -42,8 +42,12 @@ class RecordedRounds:
 
     sampler: PartitionSampler | None = None
     current: RoundRecord | None = None
+    # Rounds already run by an earlier phase of the same run (projected, then full
+    # fine-tuning): Flower counts from 1 in each start(), clients and records do not.
+    round_offset: int = 0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+        server_round += self.round_offset
         self.current = RoundRecord(server_round, started=time.perf_counter())
         self._expected = {k: (tuple(v.shape), v.numpy().dtype) for k, v in arrays.items()}
         if self.sampler is not None:
@@ -59,6 +63,7 @@ class RecordedRounds:
         return self.sampler.partition_of(msg.metadata.src_node_id) if self.sampler else -1
 
     def aggregate_train(self, server_round: int, replies):
+        server_round += self.round_offset
         record = self.current or RoundRecord(server_round, started=time.perf_counter())
         valid: list[Message] = []
         for msg in replies:
