@@ -16,7 +16,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 DEMO_ARGS := --dataset fashion-mnist --partition dirichlet --alpha 0.5 --clients 10 \
              --rounds 5 --local-epochs 1 --model simple-cnn --no-projection --seed 0 --quiet
 
-.PHONY: setup demo test test-slow bench bench-overhead clean
+.PHONY: setup demo test test-slow bench bench-overhead bench-projection clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -41,10 +41,13 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
 
-bench: bench-overhead
+bench: bench-overhead bench-projection
 
 bench-overhead: setup
 	$(BIN)/fedfuse bench-overhead --clients 10 --rounds 3 --out runs/bench-overhead
+
+bench-projection: setup
+	$(BIN)/fedfuse bench-projection --resolution 64 --batch-size 32 --repeats 15
 
 clean:
 	rm -rf runs .pytest_cache

@@ -27,7 +27,7 @@ def to_model_input(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
         x = F.interpolate(x, size=(spec.resolution, spec.resolution), mode="bilinear", align_corners=False)
     mean = torch.tensor(_per_channel(spec.mean, spec.channels), device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(_per_channel(spec.std, spec.channels), device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:

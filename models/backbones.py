@@ -25,7 +25,8 @@ def efficientnet_lite0(num_classes: int, pretrained: bool = True) -> nn.Module:
         ):
             raise RuntimeError("efficientnet-lite0 weights do not line up with timm's tf_efficientnet_lite0")
         model.load_state_dict(dict(zip(target.keys(), source.values())))
-    model.reset_classifier(num_classes)
+    if num_classes != 1000:
+        model.reset_classifier(num_classes)
     return model
 
 

@@ -47,11 +47,13 @@ class ProjectedConv2d(nn.Conv2d):
         return self._conv_forward(x, weight, self.bias)
 
     def fold(self) -> nn.Conv2d:
-        cls = Conv2dSame if self.same_padding else nn.Conv2d
-        conv = cls(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                   0 if self.same_padding else self.padding, self.dilation, self.groups,
-                   self.bias is not None, padding_mode=self.padding_mode,
-                   device=self.weight.device, dtype=self.weight.dtype)
+        common = dict(stride=self.stride, dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
+                      device=self.weight.device, dtype=self.weight.dtype)
+        if self.same_padding:
+            conv = Conv2dSame(self.in_channels, self.out_channels, self.kernel_size, **common)
+        else:
+            conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, padding=self.padding,
+                             padding_mode=self.padding_mode, **common)
         with torch.no_grad():
             conv.weight.copy_(self.projected_weight())
             if self.bias is not None:

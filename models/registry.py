@@ -72,7 +72,7 @@ def create(name: str, num_classes: int, pretrained: bool = True, weights: str | 
     try:
         return model_info.build(num_classes, pretrained, weights)
     except (OSError, RuntimeError) as err:
-        if not pretrained or "timm:" not in name:
+        if weights or not pretrained or not name.startswith("timm:"):
             raise
         raise ModelError(
             f"could not load pretrained weights for {name} ({type(err).__name__}): "

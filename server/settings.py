@@ -29,6 +29,7 @@ class RunSettings:
     pointwise: str = "freeze"
     resolution: int = 0
     full_finetune_rounds: int = 0
+    full_finetune_lr: float = 0.0  # 0: same as lr
     rounds: int = 10
     fraction: float = 1.0
     min_clients: int = 1
@@ -70,7 +71,8 @@ class RunSettings:
             federation=self.federation, model=self.model, pretrained=self.pretrained, weights=self.weights,
             projection=self.projection and not full_finetune, pointwise=self.pointwise,
             resolution=self.resolution, local_epochs=self.local_epochs, batch_size=self.batch_size,
-            lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, client_cpus=self.client_cpus,
+            lr=(self.full_finetune_lr or self.lr) if full_finetune else self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, client_cpus=self.client_cpus,
         )
 
     @property
@@ -105,6 +107,8 @@ class RunSettings:
             raise SettingsError(f"--fraction must be in (0, 1], got {self.fraction}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise SettingsError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.full_finetune_lr) and self.full_finetune_lr >= 0):
+            raise SettingsError(f"--full-finetune-lr must be >= 0, got {self.full_finetune_lr}")
         if not (0.0 <= self.momentum < 1.0):
             raise SettingsError(f"--momentum must be in [0, 1), got {self.momentum}")
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):

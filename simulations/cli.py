@@ -35,6 +35,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--pointwise", default="freeze", help="projection's policy for 1x1 convs: project, freeze or train")
     p.add_argument("--full-finetune-rounds", type=int, default=0,
                    help="after the projected rounds, fold the model and fine-tune every weight for K more rounds")
+    p.add_argument("--full-finetune-lr", type=float, default=0.0, help="learning rate after folding (0: --lr)")
     p.add_argument("--resolution", type=int, default=0, help="input side in pixels for ImageNet backbones (0: model default)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random initial weights")
     p.add_argument("--weights", default="", help="local checkpoint for a timm:NAME model")
@@ -62,7 +63,7 @@ def settings_from_args(args: argparse.Namespace):
     return RunSettings(
         federation=federation, strategy=args.strategy, model=args.model, pretrained=args.pretrained,
         weights=args.weights, pointwise=args.pointwise, resolution=args.resolution,
-        full_finetune_rounds=args.full_finetune_rounds,
+        full_finetune_rounds=args.full_finetune_rounds, full_finetune_lr=args.full_finetune_lr,
         projection=default_projection(args.model, args.pretrained) if args.projection is None else args.projection,
         rounds=args.rounds, fraction=args.fraction, min_clients=args.min_clients,
         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
@@ -114,6 +115,18 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     return overhead_main(args)
 
 
+def cmd_bench_projection(args: argparse.Namespace) -> int:
+    from simulations.bench_projection import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_bench_finetune(args: argparse.Namespace) -> int:
+    from simulations.bench_finetune import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfuse", description="Federated simulations on Flower: fusion vs FedAvg.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,12 +138,32 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--rounds", type=int, default=3)
     overhead.add_argument("--dataset", default="fashion-mnist")
     overhead.add_argument("--out", default="runs/bench-overhead")
+    projection = sub.add_parser("bench-projection", help="projection's sizes and step time against plain fine-tuning")
+    projection.add_argument("--resolution", type=int, default=64)
+    projection.add_argument("--batch-size", type=int, default=32)
+    projection.add_argument("--repeats", type=int, default=15)
+    projection.add_argument("--threads", type=int, default=1)
+    finetune = sub.add_parser("bench-finetune", help="projected vs projected-then-full vs full fine-tuning")
+    finetune.add_argument("--model", default="efficientnet-lite0")
+    finetune.add_argument("--dataset", default="fashion-mnist")
+    finetune.add_argument("--alpha", type=float, default=0.5)
+    finetune.add_argument("--clients", type=int, default=10)
+    finetune.add_argument("--fraction", type=float, default=0.5)
+    finetune.add_argument("--rounds", type=int, default=3, help="rounds of every variant")
+    finetune.add_argument("--full-rounds", type=int, default=1, help="last rounds of full fine-tuning after projection")
+    finetune.add_argument("--resolution", type=int, default=64)
+    finetune.add_argument("--lr", type=float, default=0.01, help="learning rate of full fine-tuning")
+    finetune.add_argument("--projected-lr", type=float, default=0.05, help="learning rate of projected rounds")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--out", default="runs/bench-finetune")
+    finetune.add_argument("--force", action="store_true", help="rerun variants that finished earlier")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "compare": cmd_compare, "bench-overhead": cmd_overhead}[args.command]
+    handler = {"run": cmd_run, "compare": cmd_compare, "bench-overhead": cmd_overhead,
+               "bench-projection": cmd_bench_projection, "bench-finetune": cmd_bench_finetune}[args.command]
     return handler(args)
 
 

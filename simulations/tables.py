@@ -26,6 +26,7 @@ def histogram_table(histogram: np.ndarray, title: str = "samples per client and 
 SUMMARY_COLUMNS = [
     ("run", lambda s, d: d),
     ("strategy", lambda s, d: s["strategy"]),
+    ("model", lambda s, d: s["model"] + (" (projected)" if s.get("projection") else "")),
     ("split", lambda s, d: _partition_label(s)),
     ("rounds", lambda s, d: str(s["rounds"])),
     ("final acc", lambda s, d: f"{s['final_accuracy']:.4f}"),
@@ -48,7 +49,7 @@ def _partition_label(summary: dict) -> str:
 def summary_table(run_dirs: list[str | Path], title: str = "results") -> Table:
     table = Table(title=title)
     for name, _ in SUMMARY_COLUMNS:
-        table.add_column(name, justify="left" if name in ("run", "strategy", "split") else "right")
+        table.add_column(name, justify="left" if name in ("run", "strategy", "model", "split") else "right")
     for run_dir in run_dirs:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
         table.add_row(*[fn(summary, Path(run_dir).name) for _, fn in SUMMARY_COLUMNS])

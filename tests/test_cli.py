@@ -23,6 +23,10 @@ BAD_INPUTS = [
     (["--rounds", "0"], "--rounds must be a positive whole number"),
     (["--fraction", "1.5"], "--fraction must be in (0, 1]"),
     (["--dataset", "digits", "--proxy-size", "5000"], "--proxy-size 5000 must be between"),
+    (["--projection", "--pointwise", "squeeze"], "--pointwise must be one of project, freeze, train"),
+    (["--full-finetune-rounds", "2"], "continues a projected run: add --projection"),
+    (["--model", "timm:resnet18", "--weights", "/nonexistent.pth"], "--weights /nonexistent.pth does not exist"),
+    (["--model", "simple-cnn", "--resolution", "64"], "simple-cnn takes 28x28 input"),
 ]
 
 

@@ -72,3 +72,20 @@ def test_fedprox_with_partial_participation_samples_the_seeded_partitions(tmp_pa
     top_two_share = [sum(sorted(c["class_counts"])[-2:]) / sum(c["class_counts"]) for c in clients]
     assert np.mean(top_two_share) > 0.6  # an IID client's two largest classes hold about 0.2
     assert summary["final_accuracy"] > summary["initial_accuracy"]
+
+
+def test_projected_rounds_send_fewer_bytes_then_fold_into_full_finetuning(tmp_path):
+    settings = _settings(tmp_path, projection=True, pointwise="freeze", rounds=1, full_finetune_rounds=1)
+    summary = simulate(settings, show_progress=False)
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [(m["round"], m["projected"]) for m in metrics] == [(1, True), (2, False)]
+    projected_bytes = models.state_bytes(models.exchanged_state(settings.train_task().build_model(10)))
+    full_bytes = models.state_bytes(models.exchanged_state(models.create("simple-cnn", 10)))
+    assert projected_bytes < 0.05 * full_bytes
+    assert projected_bytes * 4 <= metrics[0]["bytes_up"] < 0.05 * metrics[1]["bytes_up"]
+    assert full_bytes * 4 <= metrics[1]["bytes_up"] < 1.02 * full_bytes * 4
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
+    clients = read_jsonl(tmp_path / "run" / "clients.jsonl")
+    assert [c["round"] for c in clients] == [1] * 4 + [2] * 4  # round numbers continue across phases
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    models.create("simple-cnn", 10).load_state_dict(saved["state_dict"])  # saved folded, as a plain model

@@ -1,0 +1,81 @@
+"""Benchmark: what projection saves (trainable parameters, bytes per update) and what
+its training step costs against plain fine-tuning of the same model, in one run.
+
+Step times are medians over interleaved repeats (plain, projected, plain, ...), so a
+noisy neighbour slows both sides alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import models
+
+BENCH_MODELS = {
+    "efficientnet-lite0": dict(pretrained=True),
+    "timm:resnet18": dict(pretrained=False),  # random init: only timing and sizes matter here
+}
+
+
+def _step_fn(model: torch.nn.Module, batch_size: int, resolution: int):
+    model = model.to(memory_format=torch.channels_last).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    x = torch.randn(batch_size, 3, resolution, resolution).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,))
+
+    def step() -> float:
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        return time.perf_counter() - started
+
+    return step
+
+
+def step_times(variants: dict[str, torch.nn.Module], batch_size: int, resolution: int, repeats: int) -> dict[str, float]:
+    steps = {name: _step_fn(m, batch_size, resolution) for name, m in variants.items()}
+    for step in steps.values():  # warm-up: allocator, kernels
+        step(), step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            samples[name].append(step())
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def main(args) -> int:
+    torch.set_num_threads(args.threads)
+    console = Console()
+    for name, options in BENCH_MODELS.items():
+        torch.manual_seed(0)
+        plain = models.create(name, 10, **options)
+        variants = {"full fine-tuning": plain}
+        variants.update({f"projected, 1x1 {p}": models.project(plain, pointwise=p) for p in models.POINTWISE_POLICIES})
+
+        sizes = Table(title=f"{name}: what one client trains and sends")
+        for col in ("variant", "params", "trainable", "trainable %", "bytes per update", "vs full"):
+            sizes.add_column(col, justify="left" if col == "variant" else "right")
+        full_bytes = models.parameter_report(plain)["bytes_per_update"]
+        for label, model in variants.items():
+            r = models.parameter_report(model)
+            sizes.add_row(label, f"{r['total']:,}", f"{r['trainable']:,}", f"{100 * r['trainable'] / r['total']:.1f}",
+                          f"{r['bytes_per_update']:,}", f"{r['bytes_per_update'] / full_bytes:.3f}")
+        console.print(sizes)
+
+        timed = {k: v for k, v in variants.items() if k in ("full fine-tuning", "projected, 1x1 freeze", "projected, 1x1 project")}
+        times = step_times(timed, args.batch_size, args.resolution, args.repeats)
+        table = Table(title=f"{name}: training step, batch {args.batch_size} at {args.resolution}px, "
+                            f"{args.threads} thread(s), median of {args.repeats}")
+        for col in ("variant", "step s", "vs full fine-tuning"):
+            table.add_column(col, justify="left" if col == "variant" else "right")
+        for label, seconds in times.items():
+            table.add_row(label, f"{seconds:.4f}", f"{seconds / times['full fine-tuning']:.2f}x")
+        console.print(table)
+    console.print("target: projected step at most 1.15x the full fine-tuning step")
+    return 0
