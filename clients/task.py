@@ -6,9 +6,10 @@ federation spec in every message means a ClientApp needs no run config of its ow
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from data import FederationSpec, InputSpec
+from data.federation import fields_from_mapping
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,8 @@ class TrainTask:
 
     @classmethod
     def from_config(cls, config) -> "TrainTask":
-        kwargs = {"federation": FederationSpec.from_mapping(config)}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if f.name != "federation" and key in config:
-                kwargs[f.name] = type(f.default)(config[key])
-        return cls(**kwargs)
+        return cls(federation=FederationSpec.from_mapping(config),
+                   **fields_from_mapping(cls, config, skip=("federation",)))
 
 
     def build_model(self, num_classes: int):

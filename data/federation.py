@@ -15,6 +15,20 @@ from data.datasets import ImageDataset, load
 from data.partition import class_histogram, hold_out, partition
 
 
+def fields_from_mapping(cls, values, skip: tuple[str, ...] = ()) -> dict:
+    """Keyword arguments for dataclass `cls` from a flat mapping such as Flower's run
+    config or a ConfigRecord: kebab- or snake-case keys, values cast to each field's
+    default type, unknown keys ignored."""
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        for key in (f.name, f.name.replace("_", "-")):
+            if key in values:
+                kwargs[f.name] = type(f.default)(values[key])
+    return kwargs
+
+
 @dataclass(frozen=True)
 class FederationSpec:
     dataset: str = "fashion-mnist"
@@ -32,14 +46,7 @@ class FederationSpec:
 
     @classmethod
     def from_mapping(cls, values) -> "FederationSpec":
-        """Build from any mapping (run config, ConfigRecord); unknown keys are ignored,
-        kebab-case keys are accepted."""
-        kwargs = {}
-        for f in fields(cls):
-            for key in (f.name, f.name.replace("_", "-")):
-                if key in values:
-                    kwargs[f.name] = type(f.default)(values[key])
-        return cls(**kwargs)
+        return cls(**fields_from_mapping(cls, values))
 
 
 @dataclass(frozen=True)

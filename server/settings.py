@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import data
 import models
 import strategies
 from clients.task import TrainTask
 from data import FederationSpec
+from data.federation import fields_from_mapping
 
 
 class SettingsError(ValueError):
@@ -55,11 +56,8 @@ class RunSettings:
     def from_mapping(cls, values) -> "RunSettings":
         """From a flat mapping such as Flower's run config (kebab-case keys). Without a
         `projection` key, projection is on for pretrained backbones."""
-        kwargs = {"federation": FederationSpec.from_mapping(values)}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if f.name != "federation" and key in values:
-                kwargs[f.name] = type(f.default)(values[key])
+        kwargs = {"federation": FederationSpec.from_mapping(values),
+                  **fields_from_mapping(cls, values, skip=("federation",))}
         if "projection" not in values:
             kwargs["projection"] = default_projection(kwargs.get("model", cls.model), kwargs.get("pretrained", True))
         return cls(**kwargs)
