@@ -16,13 +16,26 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 @dataclass
 class Level:
+    """`probe` is the sub-module whose output defines the level's neurons: the leading
+    Conv/Linear of a layer level (its pre-activation output is linear in its weights),
+    or the whole block. `prefix` maps the level's input to the probe's input."""
+
     name: str
     module: nn.Module
     width: int  # output channels (convs, blocks) or features (linear layers)
     kind: str  # "layer", "stem", "block", "head"
+    probe: nn.Module | None = None
+    prefix: nn.Module | None = None
+
+    def __post_init__(self):
+        if self.probe is None:
+            self.probe = self.module
 
     def __call__(self, x):
         return self.module(x)
+
+    def probe_input(self, x):
+        return self.prefix(x) if self.prefix is not None else x
 
 
 def output_width(module: nn.Module) -> int:
@@ -60,10 +73,15 @@ def _sequential_levels(model: nn.Sequential) -> list[Level]:
     groups[-1].extend(pending)
     levels = []
     for i, group in enumerate(groups):
-        module = group[0][1] if len(group) == 1 else nn.Sequential(*[layer for _, layer in group])
+        layers = [layer for _, layer in group]
+        lead = next(j for j, layer in enumerate(layers) if isinstance(layer, (nn.Conv2d, nn.Linear)))
+        module = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
         names = [n for n, _ in group]
-        levels.append(Level(f"{names[0]}-{names[-1]}" if len(names) > 1 else names[0], module,
-                            output_width(module), "head" if i == len(groups) - 1 else "layer"))
+        levels.append(Level(
+            f"{names[0]}-{names[-1]}" if len(names) > 1 else names[0], module, output_width(module),
+            "head" if i == len(groups) - 1 else "layer", probe=layers[lead],
+            prefix=nn.Sequential(*layers[:lead]) if lead else None,
+        ))
     return levels
 
 
@@ -74,7 +92,7 @@ def _timm_efficientnet_levels(model: nn.Module) -> list[Level]:
             levels.append(Level(f"blocks.{s}.{b}", block, output_width(block), "block"))
     levels.append(Level("conv_head", nn.Sequential(model.conv_head, model.bn2), output_width(model.bn2), "block"))
     levels.append(Level("head", nn.Sequential(model.global_pool, model.classifier),
-                        output_width(model.classifier), "head"))
+                        output_width(model.classifier), "head", probe=model.classifier, prefix=model.global_pool))
     return levels
 
 
@@ -84,11 +102,8 @@ def _resnet_levels(model: nn.Module) -> list[Level]:
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         for b, block in enumerate(getattr(model, stage)):
             levels.append(Level(f"{stage}.{b}", block, output_width(block), "block"))
-    if hasattr(model, "global_pool"):  # timm
-        head = nn.Sequential(model.global_pool, model.fc)
-    else:  # torchvision
-        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
-    levels.append(Level("head", head, output_width(model.fc), "head"))
+    pool = model.global_pool if hasattr(model, "global_pool") else nn.Sequential(model.avgpool, nn.Flatten(1))
+    levels.append(Level("head", nn.Sequential(pool, model.fc), output_width(model.fc), "head", probe=model.fc, prefix=pool))
     return levels
 
 

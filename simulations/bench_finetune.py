@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from rich.console import Console
 
 from data import FederationSpec
 from server.settings import RunSettings
-from simulations.tables import curve_table, print_tables, summary_table
+from simulations.tables import curve_table, make_console, print_tables, summary_table
 
 
 def variants(base: RunSettings, rounds: int, full_rounds: int, projected_lr: float) -> dict[str, RunSettings]:
@@ -39,7 +38,7 @@ def main(args) -> int:
     runs = variants(base, args.rounds, args.full_rounds, args.projected_lr)
     for settings in runs.values():
         settings.validate()
-    console = Console()
+    console = make_console()
     for name, settings in runs.items():
         if (Path(settings.out) / "summary.json").exists() and not args.force:
             console.print(f"{name}: finished earlier in {settings.out}, kept (--force reruns)")

@@ -10,7 +10,7 @@ import statistics
 import time
 
 import torch
-from rich.console import Console
+from simulations.tables import make_console
 from rich.table import Table
 
 import models
@@ -51,7 +51,7 @@ def step_times(variants: dict[str, torch.nn.Module], batch_size: int, resolution
 
 def main(args) -> int:
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = make_console()
     for name, options in BENCH_MODELS.items():
         torch.manual_seed(0)
         plain = models.create(name, 10, **options)

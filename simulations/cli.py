@@ -79,11 +79,10 @@ def _fail(message: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from data import build_federation
     from simulations.simulate import simulate
-    from simulations.tables import histogram_table, print_tables, summary_table
+    from simulations.tables import histogram_table, make_console, print_tables, summary_table
 
     try:  # every check happens here, before Ray starts and before --out is touched
         settings = settings_from_args(args)
@@ -91,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         federation = build_federation(settings.federation)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = make_console()
     if not args.quiet:
         print_tables(histogram_table(federation.histogram()), console=console)
     simulate(settings, show_progress=not args.quiet, verbose=args.verbose)
@@ -127,6 +126,12 @@ def cmd_bench_finetune(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_bench_fusion(args: argparse.Namespace) -> int:
+    from simulations.bench_fusion import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfuse", description="Federated simulations on Flower: fusion vs FedAvg.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,13 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--out", default="runs/bench-finetune")
     finetune.add_argument("--force", action="store_true", help="rerun variants that finished earlier")
+    fusion = sub.add_parser("bench-fusion", help="zero-shot fusion vs averaging vs ensemble")
+    fusion.add_argument("--model", default="simple-cnn")
+    fusion.add_argument("--projection", action="store_true")
+    fusion.add_argument("--resolution", type=int, default=0)
+    fusion.add_argument("--dataset", default="fashion-mnist")
+    fusion.add_argument("--models", type=int, default=2)
+    fusion.add_argument("--epochs", type=int, default=8)
+    fusion.add_argument("--lr", type=float, default=0.01)
+    fusion.add_argument("--splits", default="classes,dirichlet", help="classes (disjoint class sets), dirichlet (alpha 0.1)")
+    fusion.add_argument("--proxy-size", type=int, default=512)
+    fusion.add_argument("--test-size", type=int, default=10000)
+    fusion.add_argument("--threads", type=int, default=1)
+    fusion.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "compare": cmd_compare, "bench-overhead": cmd_overhead,
-               "bench-projection": cmd_bench_projection, "bench-finetune": cmd_bench_finetune}[args.command]
+               "bench-projection": cmd_bench_projection, "bench-finetune": cmd_bench_finetune,
+               "bench-fusion": cmd_bench_fusion}[args.command]
     return handler(args)
 
 

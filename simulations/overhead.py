@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
+from simulations.tables import make_console
 from rich.table import Table
 
 import models
@@ -58,7 +58,7 @@ def main(args) -> int:
         rounds=args.rounds, out=str(out / "flower"),
     )
     settings.validate()
-    console = Console()
+    console = make_console()
     console.print(f"Flower+Ray: {args.clients} clients, {args.rounds} rounds on {args.dataset} ...")
     simulate(settings, show_progress=False)
     flower = read_jsonl(out / "flower" / "metrics.jsonl")

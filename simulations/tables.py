@@ -68,7 +68,12 @@ def curve_table(run_dirs: list[str | Path]) -> Table:
     return table
 
 
+def make_console() -> Console:
+    """A terminal console; when output is piped, wide enough that tables keep their columns."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 def print_tables(*tables: Table, console: Console | None = None) -> None:
-    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    console = console or make_console()
     for table in tables:
         console.print(table)

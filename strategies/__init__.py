@@ -1,46 +1,18 @@
-"""Flower strategies by name. `strategies.fusion` holds the framework-free fusion engine."""
+"""Flower strategies by name (strategies.registry) and the framework-free fusion engine
+(strategies.fusion). This package imports flwr only when a Flower strategy is asked
+for, so `import strategies.fusion` works without a federation."""
 
 from __future__ import annotations
 
-from typing import Callable
-
-from flwr.serverapp.strategy import FedAvg, FedProx
-
-from strategies.recording import RecordedRounds, RoundRecord, mean_train_loss
-from strategies.sampling import PartitionSampler
+_REGISTRY_NAMES = {"PartitionSampler", "RecordedFedAvg", "RecordedFedProx", "RoundRecord", "build", "names"}
 
 
-class RecordedFedAvg(RecordedRounds, FedAvg):
-    """flwr's FedAvg under fedfuse's run discipline."""
+def __getattr__(name: str):
+    if name in _REGISTRY_NAMES:
+        from strategies import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'strategies' has no attribute '{name}'")
 
 
-class RecordedFedProx(RecordedRounds, FedProx):
-    """flwr's FedProx under fedfuse's run discipline."""
-
-
-def _flower_kwargs() -> dict:
-    # Sampling is done by PartitionSampler; Flower's own sampling then takes every node
-    # it is shown. Evaluation is central (on the server's test set), not federated.
-    return dict(
-        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
-        min_available_nodes=1, train_metrics_aggr_fn=mean_train_loss,
-    )
-
-
-_REGISTRY: dict[str, Callable[..., RecordedRounds]] = {
-    "fedavg": lambda proximal_mu=0.0, **_: RecordedFedAvg(**_flower_kwargs()),
-    "fedprox": lambda proximal_mu=0.01, **_: RecordedFedProx(proximal_mu=proximal_mu, **_flower_kwargs()),
-}
-
-
-def names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def build(name: str, **options) -> RecordedRounds:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown strategy '{name}': choose one of {', '.join(names())}")
-    return _REGISTRY[name](**options)
-
-
-__all__ = ["PartitionSampler", "RecordedFedAvg", "RecordedFedProx", "RoundRecord", "build", "names"]
+__all__ = sorted(_REGISTRY_NAMES)

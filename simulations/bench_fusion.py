@@ -1,0 +1,109 @@
+"""Benchmark: zero-shot fusion against weight averaging and the output ensemble.
+
+N models of one architecture are trained on disjoint class sets (or Dirichlet shards)
+of a dataset, from independent initialisations (classic model fusion) or one shared
+initialisation (the federated case). The table gives the test accuracy of each model,
+of vanilla weight averaging, of the output ensemble, and of fusion with uniform and
+with attribution-weighted matching."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+from simulations.tables import make_console
+from rich.table import Table
+
+import data
+import models
+from clients import training
+from clients.task import TrainTask
+from strategies.fusion import fuse, neuron_attributions
+
+
+def class_split_shards(labels: np.ndarray, num_models: int, num_classes: int) -> list[np.ndarray]:
+    groups = np.array_split(np.arange(num_classes), num_models)
+    return [np.flatnonzero(np.isin(labels, g)) for g in groups]
+
+
+def average(model_list: list[torch.nn.Module]) -> torch.nn.Module:
+    averaged = copy.deepcopy(model_list[0])
+    states = [m.state_dict() for m in model_list]
+    averaged.load_state_dict({k: sum(s[k].double() for s in states).div(len(states)).to(v.dtype)
+                              if v.is_floating_point() else v for k, v in states[0].items()})
+    return averaged
+
+
+@torch.no_grad()
+def ensemble_accuracy(model_list, loader) -> float:
+    correct = seen = 0
+    for x, y in loader:
+        probs = sum(m.eval()(x).softmax(1) for m in model_list)
+        correct += (probs.argmax(1) == y).sum().item()
+        seen += len(y)
+    return correct / seen
+
+
+def run_setting(args, shared_init: bool, split: str) -> dict:
+    ds = data.load(args.dataset)
+    task = TrainTask(model=args.model, projection=args.projection, resolution=args.resolution,
+                     lr=args.lr, batch_size=64)
+    spec = task.input_spec(ds)
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(ds.train_labels))
+    proxy_idx, pool = order[:args.proxy_size], order[args.proxy_size:]
+    labels = ds.train_labels[pool]
+    if split == "classes":
+        shards = class_split_shards(labels, args.models, ds.num_classes)
+    else:
+        shards = data.partition(labels, "dirichlet", args.models, alpha=0.1, seed=args.seed)
+    test = data.BatchLoader(ds.test_images[:args.test_size], ds.test_labels[:args.test_size], spec, 500)
+    proxy = data.BatchLoader(ds.train_images[proxy_idx], None, spec, 256)
+
+    torch.manual_seed(args.seed)
+    start = task.build_model(ds.num_classes)
+    trained, scores = [], []
+    for i, shard in enumerate(shards):
+        if not shared_init:
+            torch.manual_seed(args.seed + 1 + i)
+            start = task.build_model(ds.num_classes)
+        model = copy.deepcopy(start)
+        loader = data.BatchLoader(ds.train_images[pool[shard]], labels[shard], spec, 64, shuffle=True, seed=i)
+        training.train(model, loader, args.epochs, args.lr)
+        model.eval()
+        trained.append(model)
+        scores.append(neuron_attributions(model, loader, "gradxact", max_samples=256))
+
+    row = {f"model {i}": training.evaluate(m, test)["accuracy"] for i, m in enumerate(trained)}
+    row["average"] = training.evaluate(average(trained), test)["accuracy"]
+    row["ensemble"] = ensemble_accuracy(trained, test)
+    started = time.perf_counter()
+    fused_uniform, _ = fuse(trained, proxy, seed=args.seed)
+    row["fusion s"] = time.perf_counter() - started
+    row["fusion (uniform)"] = training.evaluate(fused_uniform, test)["accuracy"]
+    fused_attr, report = fuse(trained, proxy, attributions=scores, seed=args.seed)
+    row["fusion (attribution)"] = training.evaluate(fused_attr, test)["accuracy"]
+    return row
+
+
+def main(args) -> int:
+    torch.set_num_threads(args.threads)
+    console = make_console()
+    table = Table(title=f"zero-shot fusion, {args.model}{' (projected)' if args.projection else ''}, "
+                        f"{args.models} models, {args.epochs} epochs, proxy {args.proxy_size}, {args.dataset}")
+    columns = None
+    for split in args.splits.split(","):
+        for shared in (False, True):
+            row = run_setting(args, shared, split)
+            if columns is None:
+                columns = ["split", "init"] + list(row)
+                for c in columns:
+                    table.add_column(c, justify="left" if c in ("split", "init") else "right")
+            table.add_row(split, "shared" if shared else "independent",
+                          *[f"{v:.2f}" if k == "fusion s" else f"{v:.4f}" for k, v in row.items()])
+            console.print(f"{split}, {'shared' if shared else 'independent'} init: " +
+                          ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+    console.print(table)
+    return 0

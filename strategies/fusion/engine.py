@@ -1,0 +1,179 @@
+"""`fuse(models, proxy_loader, attributions=None)`: neuron-centric fusion of models of
+one architecture, level by level, on unlabeled proxy data. Plain PyTorch, no flwr."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from models import levels
+from strategies.fusion.fitting import closed_form_fit, gradient_fit
+from strategies.fusion.matching import match_level
+
+_NORMS = nn.modules.batchnorm._BatchNorm
+
+
+class FusionError(ValueError):
+    """Inputs fusion cannot use; the message names the model and the level."""
+
+
+@dataclass
+class LevelReport:
+    level: str
+    kind: str
+    width: int
+    fit: str  # "closed", "gradient" or "none"
+    matching_cost: float
+    moved: float
+    init: str
+    loss_before: float
+    loss_after: float
+    seconds: float
+
+
+def _proxy_inputs(proxy_loader) -> torch.Tensor:
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in proxy_loader]
+    if not batches or sum(len(b) for b in batches) == 0:
+        raise FusionError("the proxy set is empty: fusion needs unlabeled server samples")
+    return torch.cat(batches).contiguous()
+
+
+def _check_models(models: list[nn.Module]) -> None:
+    if not models:
+        raise FusionError("no model to fuse")
+    reference = {k: v.shape for k, v in models[0].state_dict().items()}
+    for i, model in enumerate(models):
+        state = model.state_dict()
+        if {k: v.shape for k, v in state.items()} != reference:
+            raise FusionError(f"model {i} has another architecture than model 0 (state dict keys or shapes differ)")
+        for name, value in state.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise FusionError(f"model {i} has non-finite values in {name}")
+
+
+def _average_state(models: list[nn.Module]) -> dict:
+    states = [m.state_dict() for m in models]
+    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v.clone()
+            for k, v in states[0].items()}
+
+
+@torch.no_grad()
+def reestimate_batchnorm(module: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None:
+    """Recompute the running statistics of the BatchNorms inside `module` on input x."""
+    norms = [m for m in module.modules() if isinstance(m, _NORMS) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the proxy batches
+    was_training = module.training
+    module.train()
+    for start in range(0, len(x), batch_size):
+        module(x[start:start + batch_size])
+    module.train(was_training)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.double() - b.double()) ** 2).mean())
+
+
+def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Tensor]] | None = None,
+         width: int | None = None, *, class_weights: torch.Tensor | None = None, fit: str = "auto",
+         ridge: float = 1e-6, grad_steps: int = 300, max_dim: int = 4096, seed: int = 0):
+    """Fuse `models` (one architecture) into one model of the same architecture.
+
+    For every level in order: run all models and the fused model on the proxy inputs,
+    group all models' neurons into the fused level's width by attribution-weighted
+    k-means, assign the targets to the fused channels (linear_sum_assignment), and fit
+    the fused level, fed its own previous output, to them. The head matches classes
+    one-to-one: its target is the mean of the models' logits, per class weighted by
+    `class_weights` (models x classes, e.g. class counts) when given.
+
+    `attributions[m][l]` scores level l's neurons of model m (uniform when None).
+    `fit`: "auto" (closed form where possible), "closed" or "gradient".
+    Returns (fused_model, report) where report["levels"] lists per-level figures."""
+    started = time.perf_counter()
+    if width is not None:
+        raise FusionError("fusing into another width than the models' is not supported: pass width=None")
+    if fit not in ("auto", "closed", "gradient"):
+        raise FusionError(f"unknown fit '{fit}': choose auto, closed or gradient")
+    models = list(models)
+    _check_models(models)
+    x = _proxy_inputs(proxy_loader)
+    model_levels = [levels(m) for m in models]
+    fused = copy.deepcopy(models[0])
+    fused.load_state_dict(_average_state(models))
+    fused_levels = levels(fused)
+    widths = [lv.width for lv in fused_levels]
+    if attributions is not None:
+        if len(attributions) != len(models):
+            raise FusionError(f"attributions for {len(attributions)} models, but {len(models)} models")
+        for i, per_level in enumerate(attributions):
+            if len(per_level) != len(widths):
+                raise FusionError(f"model {i}: attributions for {len(per_level)} levels, the model has {len(widths)}")
+            for level, scores, w in zip(fused_levels, per_level, widths):
+                if scores.shape != (w,) or not torch.isfinite(scores).all():
+                    raise FusionError(f"model {i}, level {level.name}: attribution scores must be {w} finite "
+                                      f"numbers, got shape {tuple(scores.shape)}")
+    for m in models + [fused]:
+        m.eval()
+
+    inputs = [x] * len(models)
+    fused_in = x
+    reports: list[LevelReport] = []
+    for index, level in enumerate(fused_levels):
+        level_started = time.perf_counter()
+        with torch.no_grad():
+            client_levels = [lv[index] for lv in model_levels]
+            probe_ins = [lv.probe_input(i) for lv, i in zip(client_levels, inputs)]
+            client_acts = [lv.probe(p) for lv, p in zip(client_levels, probe_ins)]
+            inputs = [lv(i) for lv, i in zip(client_levels, inputs)]
+            fused_probe_in = level.probe_input(fused_in)
+            current = level.probe(fused_probe_in)
+
+        if level.kind == "head":
+            weights = torch.ones(len(models), current.shape[1]) if class_weights is None else class_weights.double()
+            weights = weights / weights.sum(0, keepdim=True).clamp_min(1e-12)
+            targets = sum(w[None, :] * a.double() for w, a in zip(weights, client_acts)).float()
+            matching_cost, moved, init = _mse(current, targets) / max(_mse(targets, 0 * targets), 1e-12), 0.0, "classes"
+        else:
+            scores = [torch.ones(level.width) for _ in models] if attributions is None \
+                else [attributions[i][index] for i in range(len(models))]
+            matching = match_level(client_acts, scores, current, max_dim=max_dim, seed=seed + index)
+            targets, matching_cost, moved, init = matching.targets, matching.cost, matching.moved, matching.init
+
+        loss_before = _mse(current, targets)
+        saved = copy.deepcopy(level.module.state_dict())
+        how = "none"
+        if fit in ("auto", "closed") and closed_form_fit(level.probe, fused_probe_in, targets, ridge):
+            how = "closed"
+        elif fit == "closed" and level.kind != "head" and level.probe is not level.module:
+            raise FusionError(f"level {level.name}: no closed-form fit for {type(level.probe).__name__}")
+        else:
+            # Batch statistics while fitting, so that the statistics re-estimated below
+            # are those the fit was made under.
+            params = [p for p in level.probe.parameters() if p.requires_grad]
+            level.probe.train()
+            gradient_fit(level.probe, params, fused_probe_in, targets, steps=grad_steps, seed=seed + index)
+            level.probe.eval()
+            how = "gradient"
+        with torch.no_grad():
+            # BatchNorm statistics of the fused level, re-estimated on the proxy set.
+            reestimate_batchnorm(level.module, fused_in)
+            loss_after = _mse(level.probe(fused_probe_in), targets)
+            if loss_after >= loss_before:  # a fit never makes the level worse than it was
+                level.module.load_state_dict(saved)
+                how, loss_after = how + " (reverted)", loss_before
+            fused_in = level(fused_in)
+        reports.append(LevelReport(level.name, level.kind, level.width, how, matching_cost, moved, init,
+                                   loss_before, loss_after, time.perf_counter() - level_started))
+    fused.eval()
+    return fused, {"levels": [asdict(r) for r in reports], "seconds": time.perf_counter() - started,
+                   "models": len(models), "proxy_size": len(x)}

@@ -1,0 +1,179 @@
+"""Fitting one fused level to its targets: closed-form ridge least squares where the
+probe's output is linear in its trainable parameters, gradient steps otherwise."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from timm.layers.padding import pad_same
+from torch import nn
+
+from models import ProjectedConv2d, ProjectedLinear
+
+
+def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(G + lambda I)^-1 h, lambda scaled to G's mean diagonal; batched over leading dims."""
+    d = gram.shape[-1]
+    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + ridge * scale[..., None, None] * eye, rhs)
+
+
+def _padded(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """The conv's input after the padding it applies itself, and the padding left to pass."""
+    if getattr(conv, "same_padding", False) or type(conv).__name__ == "Conv2dSame":
+        return pad_same(x, conv.kernel_size, conv.stride, conv.dilation), (0, 0)
+    if conv.padding_mode != "zeros":
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
+    return x, conv.padding
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+@torch.no_grad()
+def _fit_linear(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, ridge: float) -> None:
+    z = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) if layer.bias is not None else x
+    solution = _solve(z.T @ z, z.T @ y, ridge)  # (d, out)
+    layer.weight.copy_(solution[: x.shape[1]].T)
+    if layer.bias is not None:
+        layer.bias.copy_(solution[-1])
+
+
+@torch.no_grad()
+def _fit_projected_linear(layer: ProjectedLinear, x: torch.Tensor, y: torch.Tensor, ridge: float) -> None:
+    # y_c = sum_i gamma[c, i] * (W[c, i] x_i) + b_c: one small regression per output c.
+    out, d = layer.weight.shape
+    bias = layer.bias is not None
+    gram = torch.zeros(out, d + bias, d + bias, dtype=x.dtype)
+    rhs = torch.zeros(out, d + bias, dtype=x.dtype)
+    for part in _chunks(len(x), 256):
+        z = x[part, None, :] * layer.weight[None]  # (b, out, d)
+        if bias:
+            z = torch.cat([z, torch.ones(*z.shape[:2], 1, dtype=z.dtype)], 2)
+        gram += torch.einsum("bci,bcj->cij", z, z)
+        rhs += torch.einsum("bci,bc->ci", z, y[part])
+    solution = _solve(gram, rhs[..., None], ridge)[..., 0]
+    layer.gamma.copy_(solution[:, :d])
+    if bias:
+        layer.bias.copy_(solution[:, d])
+
+
+@torch.no_grad()
+def _fit_conv(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, ridge: float) -> None:
+    """Plain conv, groups == 1: regression on unfolded input patches."""
+    x, padding = _padded(conv, x)
+    bias = conv.bias is not None
+    d = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    gram = torch.zeros(d + bias, d + bias, dtype=x.dtype)
+    rhs = torch.zeros(d + bias, conv.out_channels, dtype=x.dtype)
+    for part in _chunks(len(x), 64):
+        patches = F.unfold(x[part], conv.kernel_size, conv.dilation, padding, conv.stride)  # (b, d, P)
+        z = patches.transpose(1, 2).reshape(-1, d)
+        if bias:
+            z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
+        target = y[part].flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
+        gram += z.T @ z
+        rhs += z.T @ target
+    solution = _solve(gram, rhs, ridge)
+    conv.weight.copy_(solution[:d].T.reshape_as(conv.weight))
+    if bias:
+        conv.bias.copy_(solution[d])
+
+
+@torch.no_grad()
+def _fit_projected_conv(conv: ProjectedConv2d, x: torch.Tensor, y: torch.Tensor, ridge: float) -> None:
+    """y_c = sum_i gamma[c, i] * conv(x_i, W[c, i]) + b_c: per output channel, a
+    regression on the responses of its frozen per-input-channel kernels, computed for
+    all (i, c) pairs of a group in one grouped conv."""
+    x, padding = _padded(conv, x)
+    groups, out = conv.groups, conv.out_channels
+    in_g, out_g = conv.in_channels // groups, out // groups
+    bias = conv.bias is not None
+    gram = torch.zeros(out, in_g + bias, in_g + bias, dtype=x.dtype)
+    rhs = torch.zeros(out, in_g + bias, dtype=x.dtype)
+    for g in range(groups):
+        kernels = conv.weight[g * out_g:(g + 1) * out_g]  # (out_g, in_g, k, k)
+        # Output channel (i, c) of the grouped conv is input channel i through W[c, i].
+        weight = kernels.transpose(0, 1).reshape(in_g * out_g, 1, *conv.kernel_size)
+        for part in _chunks(len(x), 32):
+            responses = F.conv2d(x[part, g * in_g:(g + 1) * in_g], weight, None, conv.stride, padding,
+                                 conv.dilation, in_g)
+            z = responses.reshape(responses.shape[0], in_g, out_g, -1)  # (b, in_g, out_g, P)
+            if bias:
+                z = torch.cat([z, torch.ones_like(z[:, :1])], 1)
+            target = y[part, g * out_g:(g + 1) * out_g].flatten(2)  # (b, out_g, P)
+            gram[g * out_g:(g + 1) * out_g] += torch.einsum("bicp,bjcp->cij", z, z)
+            rhs[g * out_g:(g + 1) * out_g] += torch.einsum("bicp,bcp->ci", z, target)
+    solution = _solve(gram, rhs[..., None], ridge)[..., 0]
+    conv.gamma.copy_(solution[:, :in_g])
+    if bias:
+        conv.bias.copy_(solution[:, in_g])
+
+
+def closed_form_fit(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-6) -> bool:
+    """Fit `probe` so that probe(x) ~ y in closed form; False when its output is not
+    linear in its trainable parameters in a way handled here."""
+    x, y = x.double(), y.double()
+    fitters = [
+        (ProjectedConv2d, _fit_projected_conv), (ProjectedLinear, _fit_projected_linear),
+        (nn.Linear, _fit_linear),
+    ]
+    for kind, fit in fitters:
+        if isinstance(probe, kind):
+            return _apply_in_double(probe, fit, x, y, ridge)
+    if isinstance(probe, nn.Conv2d) and probe.groups == 1:
+        return _apply_in_double(probe, _fit_conv, x, y, ridge)
+    return False
+
+
+def _apply_in_double(module: nn.Module, fit, x, y, ridge) -> bool:
+    # Normal equations lose precision in float32; solve in float64, store in the model's dtype.
+    work = copy.deepcopy(module).double()
+    fit(work, x, y, ridge)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.copy_(dict(work.named_parameters())[name].to(param.dtype))
+    return True
+
+
+def gradient_fit(forward, params: list[torch.nn.Parameter], x: torch.Tensor, y: torch.Tensor,
+                 steps: int = 300, lr: float = 1e-3, seed: int = 0) -> int:
+    """Adam on MSE(forward(x), y) with early stopping on a held-out fifth of the proxy
+    samples; the best parameters seen are kept. Returns the steps taken."""
+    if not params:
+        return 0
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    cut = max(1, len(x) // 5) if len(x) >= 5 else 0
+    held, train = order[:cut], order[cut:]
+    optimizer = torch.optim.Adam(params, lr=lr)
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            idx = held if len(held) else train
+            return F.mse_loss(forward(x[idx]), y[idx]).item()
+
+    best, best_state, patience, taken = held_loss(), [p.detach().clone() for p in params], 0, 0
+    for step in range(steps):
+        batch = train[torch.randint(len(train), (min(128, len(train)),),
+                                    generator=torch.Generator().manual_seed(seed + step))]
+        optimizer.zero_grad()
+        F.mse_loss(forward(x[batch]), y[batch]).backward()
+        optimizer.step()
+        taken += 1
+        if step % 10 == 9:
+            loss = held_loss()
+            if loss < best - 1e-9:
+                best, best_state, patience = loss, [p.detach().clone() for p in params], 0
+            else:
+                patience += 1
+                if patience >= 3:
+                    break
+    with torch.no_grad():
+        for p, b in zip(params, best_state):
+            p.copy_(b)
+    return taken

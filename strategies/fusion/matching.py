@@ -1,0 +1,81 @@
+"""Matching one level: all models' neurons -> K attribution-weighted targets, assigned
+to the fused level's channels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+
+
+@dataclass
+class Matching:
+    targets: torch.Tensor  # (n, K, ...) target activation of each fused channel
+    cost: float  # mean squared distance of fused channels to their targets, relative to the targets' power
+    moved: float  # fraction of fused channels whose target is not the cluster seeded from them
+    init: str  # which k-means start won: "fused" or "k-means++"
+
+
+def neuron_points(acts: torch.Tensor, coords: torch.Tensor) -> np.ndarray:
+    """(n, C, ...) activations -> (C, D): each channel a point over the chosen
+    (sample, position) coordinates."""
+    flat = acts.transpose(0, 1).reshape(acts.shape[1], -1)
+    return flat[:, coords].double().numpy()
+
+
+def _normalised(scores: torch.Tensor) -> np.ndarray:
+    """Non-negative weights with mean 1, so every model weighs the same in total."""
+    w = scores.double().clamp_min(0).numpy()
+    return w / w.mean() if w.sum() > 0 else np.ones_like(w)
+
+
+def match_level(client_acts: list[torch.Tensor], scores: list[torch.Tensor], fused_acts: torch.Tensor,
+                max_dim: int = 4096, seed: int = 0) -> Matching:
+    width = fused_acts.shape[1]
+    per_channel = fused_acts[:, 0].numel()  # samples x positions
+    generator = torch.Generator().manual_seed(seed)
+    coords = torch.randperm(per_channel, generator=generator)[:max_dim].sort().values
+    points = np.concatenate([neuron_points(a, coords) for a in client_acts])
+    weights = np.concatenate([_normalised(s) for s in scores])
+    current = neuron_points(fused_acts, coords)
+
+    seeded = KMeans(width, init=current, n_init=1, random_state=seed).fit(points, sample_weight=weights)
+    fresh = KMeans(width, init="k-means++", n_init=3, random_state=seed).fit(points, sample_weight=weights)
+    # Prefer the start from the fused model's own neurons unless it is clearly worse.
+    km, init = (seeded, "fused") if seeded.inertia_ <= 1.05 * fresh.inertia_ else (fresh, "k-means++")
+
+    # Targets over every coordinate: the weighted mean of each cluster's members.
+    sums = torch.zeros((width, *fused_acts.shape[:1], *fused_acts.shape[2:]), dtype=torch.float64)
+    mass = torch.zeros(width, dtype=torch.float64)
+    offset = 0
+    for acts in client_acts:
+        c = acts.shape[1]
+        labels = torch.from_numpy(km.labels_[offset:offset + c]).long()
+        w = torch.from_numpy(weights[offset:offset + c])
+        sums.index_add_(0, labels, acts.transpose(0, 1).double() * w.view(-1, *[1] * (acts.dim() - 1)))
+        mass.index_add_(0, labels, w)
+        offset += c
+    empty = mass <= 0
+    clusters = sums / mass.clamp_min(1e-12).view(-1, *[1] * (sums.dim() - 1))
+
+    centers = km.cluster_centers_
+    cost = ((centers[:, None, :] - current[None, :, :]) ** 2).sum(-1)  # (cluster, channel)
+    cost[empty.numpy()] = cost.max() + 1.0  # empty clusters go last
+    rows, cols = linear_sum_assignment(cost)
+    assigned = np.empty(width, dtype=np.int64)
+    assigned[cols] = rows
+    targets = clusters[torch.from_numpy(assigned)].transpose(0, 1).float()
+    # A channel left with an empty cluster keeps its current output as target.
+    keep = empty[torch.from_numpy(assigned)]
+    if keep.any():
+        targets[:, keep] = fused_acts[:, keep]
+    power = float((targets.double() ** 2).mean()) or 1.0
+    return Matching(
+        targets=targets,
+        cost=float(((targets - fused_acts).double() ** 2).mean()) / power,
+        moved=float((assigned != np.arange(width)).mean()) if init == "fused" else float("nan"),
+        init=init,
+    )

@@ -1,0 +1,142 @@
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import data
+import models
+from clients import training
+from clients.task import input_spec
+from strategies.fusion import FusionError, fuse, neuron_attributions
+from strategies.fusion.fitting import closed_form_fit
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    ds = data.load("mnist-5k")
+    spec = input_spec("simple-cnn", ds)
+    return ds, spec
+
+
+def _train(ds, spec, idx, seed, epochs=2):
+    torch.manual_seed(seed)
+    model = models.create("simple-cnn", 10)
+    loader = data.BatchLoader(ds.train_images[idx], ds.train_labels[idx], spec, 32, shuffle=True, seed=seed)
+    training.train(model, loader, epochs, lr=0.02)
+    return model.eval(), loader
+
+
+def _accuracy(model, ds, spec):
+    return training.evaluate(model, data.BatchLoader(ds.test_images, ds.test_labels, spec, 500))["accuracy"]
+
+
+def _proxy(ds, spec, n=256):
+    return data.BatchLoader(ds.train_images[-n:], None, spec, 128)
+
+
+def test_fusing_identical_models_returns_the_same_function(mnist):
+    ds, spec = mnist
+    model, _ = _train(ds, spec, np.arange(2000), seed=0, epochs=1)
+    fused, report = fuse([model, copy.deepcopy(model), copy.deepcopy(model)], _proxy(ds, spec))
+    x = next(iter(_proxy(ds, spec)))
+    with torch.no_grad():
+        assert (fused(x) - model(x)).abs().max().item() < 1e-3
+    assert [r["level"] for r in report["levels"]] == ["0-2", "3-5", "6-8", "9-10", "11"]
+
+
+def test_fusing_with_a_channel_permuted_copy_recovers_the_original(mnist):
+    ds, spec = mnist
+    original, _ = _train(ds, spec, np.arange(3000), seed=1)
+    permuted = copy.deepcopy(original)
+    g = torch.Generator().manual_seed(0)
+    p = [torch.randperm(n, generator=g) for n in (6, 16, 120, 84)]
+    with torch.no_grad():
+        a, b = original, permuted
+        b[0].weight.copy_(a[0].weight[p[0]]); b[0].bias.copy_(a[0].bias[p[0]])
+        b[3].weight.copy_(a[3].weight[p[1]][:, p[0]]); b[3].bias.copy_(a[3].bias[p[1]])
+        b[7].weight.copy_(a[7].weight.view(120, 16, 16)[p[2]][:, p[1]].reshape(120, 256)); b[7].bias.copy_(a[7].bias[p[2]])
+        b[9].weight.copy_(a[9].weight[p[3]][:, p[2]]); b[9].bias.copy_(a[9].bias[p[3]])
+        b[11].weight.copy_(a[11].weight[:, p[3]])
+    accuracy = _accuracy(original, ds, spec)
+    assert abs(_accuracy(permuted, ds, spec) - accuracy) < 1e-9
+    averaged = copy.deepcopy(original)
+    averaged.load_state_dict({k: (v + permuted.state_dict()[k]) / 2 for k, v in original.state_dict().items()})
+    fused, _ = fuse([original, permuted], _proxy(ds, spec))
+    assert _accuracy(averaged, ds, spec) < accuracy - 0.1  # averaging misaligned channels breaks the net
+    assert abs(_accuracy(fused, ds, spec) - accuracy) < 0.01
+
+
+def test_fusion_beats_averaging_for_independently_initialised_models(mnist):
+    ds, spec = mnist
+    labels = ds.train_labels[:4000]
+    shards = [np.flatnonzero(labels < 5), np.flatnonzero(labels >= 5)]
+    trained = [_train(ds, spec, idx, seed=10 + i, epochs=3) for i, idx in enumerate(shards)]
+    nets = [m for m, _ in trained]
+    averaged = copy.deepcopy(nets[0])
+    averaged.load_state_dict({k: (v + nets[1].state_dict()[k]) / 2 for k, v in nets[0].state_dict().items()})
+    scores = [neuron_attributions(m, loader, "gradxact", max_samples=128) for m, loader in trained]
+    fused, report = fuse(nets, _proxy(ds, spec, 512), attributions=scores)
+    fused_acc, avg_acc = _accuracy(fused, ds, spec), _accuracy(averaged, ds, spec)
+    assert fused_acc > avg_acc + 0.15, (fused_acc, avg_acc)
+    assert all(r["loss_after"] <= r["loss_before"] for r in report["levels"])
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(3, 5, 3, padding=1),
+    nn.Linear(7, 4),
+    models.ProjectedConv2d(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)),
+    models.ProjectedConv2d(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)),
+    models.ProjectedLinear(nn.Linear(7, 4)),
+], ids=["conv", "linear", "projected-grouped-conv", "projected-depthwise", "projected-linear"])
+def test_closed_form_fit_recovers_a_reachable_target(layer):
+    torch.manual_seed(0)
+    teacher = copy.deepcopy(layer)
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(40, 7) if isinstance(layer, nn.Linear) else torch.randn(40, layer.in_channels, 9, 9)
+    with torch.no_grad():
+        target = teacher(x)
+    assert closed_form_fit(layer, x, target)
+    with torch.no_grad():
+        assert (layer(x) - target).abs().max().item() < 1e-3
+
+
+def test_attribution_gives_one_non_negative_score_per_neuron(mnist):
+    ds, spec = mnist
+    model, loader = _train(ds, spec, np.arange(500), seed=2, epochs=1)
+    for method in ("gradxact", "conductance", "uniform"):
+        scores = neuron_attributions(model, loader, method, max_samples=64)
+        assert [len(s) for s in scores] == [6, 16, 120, 84, 10]
+        assert all((s >= 0).all() and s.sum() > 0 for s in scores)
+    grad = neuron_attributions(model, loader, "gradxact", max_samples=64)
+    assert grad[2].std() > 0  # not uniform: some neurons matter more
+
+
+def test_bad_inputs_raise_one_clear_error(mnist):
+    ds, spec = mnist
+    a, b = models.create("simple-cnn", 10).eval(), models.create("simple-cnn", 10).eval()
+    proxy = _proxy(ds, spec, 64)
+    with pytest.raises(FusionError, match="model 1 has another architecture"):
+        fuse([a, models.create("simple-cnn", 5)], proxy)
+    with pytest.raises(FusionError, match="proxy set is empty"):
+        fuse([a, b], [])
+    bad = copy.deepcopy(b)
+    with torch.no_grad():
+        bad[3].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FusionError, match="model 1 has non-finite values in 3.weight"):
+        fuse([a, bad], proxy)
+    scores = [[torch.ones(w) for w in (6, 16, 120, 84, 10)] for _ in range(2)]
+    scores[1][2] = torch.ones(7)
+    with pytest.raises(FusionError, match=r"model 1, level 6-8: attribution scores must be 120"):
+        fuse([a, b], proxy, attributions=scores)
+
+
+def test_fusion_engine_does_not_import_flwr():
+    code = "import strategies.fusion, models, data, sys; print('flwr' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
