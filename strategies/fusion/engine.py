@@ -86,7 +86,7 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Tensor]] | None = None,
          width: int | None = None, *, class_weights: torch.Tensor | None = None, fit: str = "auto",
-         ridge: float = 1e-6, grad_steps: int = 300, max_dim: int = 4096, seed: int = 0):
+         ridge: float = 1e-6, grad_steps: int = 100, max_dim: int = 4096, seed: int = 0):
     """Fuse `models` (one architecture) into one model of the same architecture.
 
     For every level in order: run all models and the fused model on the proxy inputs,
@@ -151,22 +151,20 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
 
         loss_before = _mse(current, targets)
         saved = copy.deepcopy(level.module.state_dict())
-        how = "none"
+        block = level.probe is level.module
+        if block:  # the block's BatchNorms first see the fused model's own input (the proxy)
+            reestimate_batchnorm(level.module, fused_in)
         if fit in ("auto", "closed") and closed_form_fit(level.probe, fused_probe_in, targets, ridge):
             how = "closed"
-        elif fit == "closed" and level.kind != "head" and level.probe is not level.module:
+        elif fit == "closed" and not block:
             raise FusionError(f"level {level.name}: no closed-form fit for {type(level.probe).__name__}")
         else:
-            # Batch statistics while fitting, so that the statistics re-estimated below
-            # are those the fit was made under.
             params = [p for p in level.probe.parameters() if p.requires_grad]
-            level.probe.train()
             gradient_fit(level.probe, params, fused_probe_in, targets, steps=grad_steps, seed=seed + index)
-            level.probe.eval()
             how = "gradient"
         with torch.no_grad():
-            # BatchNorm statistics of the fused level, re-estimated on the proxy set.
-            reestimate_batchnorm(level.module, fused_in)
+            if not block:  # norms after the probe: statistics of the newly fitted outputs
+                reestimate_batchnorm(level.module, fused_in)
             loss_after = _mse(level.probe(fused_probe_in), targets)
             if loss_after >= loss_before:  # a fit never makes the level worse than it was
                 level.module.load_state_dict(saved)

@@ -142,9 +142,11 @@ def _apply_in_double(module: nn.Module, fit, x, y, ridge) -> bool:
 
 
 def gradient_fit(forward, params: list[torch.nn.Parameter], x: torch.Tensor, y: torch.Tensor,
-                 steps: int = 300, lr: float = 1e-3, seed: int = 0) -> int:
+                 steps: int = 100, lr: float = 3e-3, seed: int = 0) -> int:
     """Adam on MSE(forward(x), y) with early stopping on a held-out fifth of the proxy
-    samples; the best parameters seen are kept. Returns the steps taken."""
+    samples; the best parameters seen (the starting ones included) are kept. The
+    module stays in eval mode: its BatchNorm statistics are those it will run with.
+    Returns the steps taken."""
     if not params:
         return 0
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
@@ -171,7 +173,7 @@ def gradient_fit(forward, params: list[torch.nn.Parameter], x: torch.Tensor, y: 
                 best, best_state, patience = loss, [p.detach().clone() for p in params], 0
             else:
                 patience += 1
-                if patience >= 3:
+                if patience >= 2:
                     break
     with torch.no_grad():
         for p, b in zip(params, best_state):
