@@ -95,7 +95,7 @@ def main(args) -> int:
                         f"{args.models} models, {args.epochs} epochs, proxy {args.proxy_size}, {args.dataset}")
     columns = None
     for split in args.splits.split(","):
-        for shared in (False, True):
+        for shared in [init == "shared" for init in args.inits.split(",")]:
             row = run_setting(args, shared, split)
             if columns is None:
                 columns = ["split", "init"] + list(row)

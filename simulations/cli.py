@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     fusion.add_argument("--epochs", type=int, default=8)
     fusion.add_argument("--lr", type=float, default=0.01)
     fusion.add_argument("--splits", default="classes,dirichlet", help="classes (disjoint class sets), dirichlet (alpha 0.1)")
+    fusion.add_argument("--inits", default="independent,shared",
+                        help="independent (each model its own random init) and/or shared (one init, the federated case)")
     fusion.add_argument("--proxy-size", type=int, default=512)
     fusion.add_argument("--test-size", type=int, default=10000)
     fusion.add_argument("--threads", type=int, default=1)
