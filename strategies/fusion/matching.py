@@ -3,12 +3,14 @@ to the fused level's channels."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 
 
 @dataclass
@@ -42,8 +44,11 @@ def match_level(client_acts: list[torch.Tensor], scores: list[torch.Tensor], fus
     weights = np.concatenate([_normalised(s) for s in scores])
     current = neuron_points(fused_acts, coords)
 
-    seeded = KMeans(width, init=current, n_init=1, random_state=seed).fit(points, sample_weight=weights)
-    fresh = KMeans(width, init="k-means++", n_init=3, random_state=seed).fit(points, sample_weight=weights)
+    with warnings.catch_warnings():
+        # Dead (all-zero) neurons are duplicate points: fewer distinct clusters is expected.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        seeded = KMeans(width, init=current, n_init=1, random_state=seed).fit(points, sample_weight=weights)
+        fresh = KMeans(width, init="k-means++", n_init=3, random_state=seed).fit(points, sample_weight=weights)
     # Prefer the start from the fused model's own neurons unless it is clearly worse.
     km, init = (seeded, "fused") if seeded.inertia_ <= 1.05 * fresh.inertia_ else (fresh, "k-means++")
 
