@@ -86,7 +86,7 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Tensor]] | None = None,
          width: int | None = None, *, class_weights: torch.Tensor | None = None, fit: str = "auto",
-         ridge: float = 1e-6, grad_steps: int = 100, max_dim: int = 4096, seed: int = 0):
+         ridge: float | None = None, grad_steps: int = 100, max_dim: int = 4096, seed: int = 0):
     """Fuse `models` (one architecture) into one model of the same architecture.
 
     For every level in order: run all models and the fused model on the proxy inputs,
@@ -97,7 +97,8 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
     `class_weights` (models x classes, e.g. class counts) when given.
 
     `attributions[m][l]` scores level l's neurons of model m (uniform when None).
-    `fit`: "auto" (closed form where possible), "closed" or "gradient".
+    `fit`: "auto" (closed form where possible), "closed" or "gradient"; `ridge`: a fixed
+    ridge strength for closed-form fits, or None to choose it on held-out proxy samples.
     Returns (fused_model, report) where report["levels"] lists per-level figures."""
     started = time.perf_counter()
     if width is not None:
@@ -154,7 +155,7 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
         block = level.probe is level.module
         if block:  # the block's BatchNorms first see the fused model's own input (the proxy)
             reestimate_batchnorm(level.module, fused_in)
-        if fit in ("auto", "closed") and closed_form_fit(level.probe, fused_probe_in, targets, ridge):
+        if fit in ("auto", "closed") and closed_form_fit(level.probe, fused_probe_in, targets, ridge, seed=seed + index):
             how = "closed"
         elif fit == "closed" and not block:
             raise FusionError(f"level {level.name}: no closed-form fit for {type(level.probe).__name__}")

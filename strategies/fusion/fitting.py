@@ -36,16 +36,20 @@ def _chunks(n: int, size: int):
 
 
 @torch.no_grad()
-def _fit_linear(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, ridge: float) -> None:
+def _linear_equations(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor):
     z = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) if layer.bias is not None else x
-    solution = _solve(z.T @ z, z.T @ y, ridge)  # (d, out)
-    layer.weight.copy_(solution[: x.shape[1]].T)
+    return z.T @ z, z.T @ y  # shared by all outputs: (d, d), (d, out)
+
+
+@torch.no_grad()
+def _write_linear(layer: nn.Linear, solution: torch.Tensor) -> None:
+    layer.weight.copy_(solution[: layer.in_features].T)
     if layer.bias is not None:
         layer.bias.copy_(solution[-1])
 
 
 @torch.no_grad()
-def _fit_projected_linear(layer: ProjectedLinear, x: torch.Tensor, y: torch.Tensor, ridge: float) -> None:
+def _projected_linear_equations(layer: ProjectedLinear, x: torch.Tensor, y: torch.Tensor):
     # y_c = sum_i gamma[c, i] * (W[c, i] x_i) + b_c: one small regression per output c.
     out, d = layer.weight.shape
     bias = layer.bias is not None
@@ -57,14 +61,20 @@ def _fit_projected_linear(layer: ProjectedLinear, x: torch.Tensor, y: torch.Tens
             z = torch.cat([z, torch.ones(*z.shape[:2], 1, dtype=z.dtype)], 2)
         gram += torch.einsum("bci,bcj->cij", z, z)
         rhs += torch.einsum("bci,bc->ci", z, y[part])
-    solution = _solve(gram, rhs[..., None], ridge)[..., 0]
-    layer.gamma.copy_(solution[:, :d])
-    if bias:
-        layer.bias.copy_(solution[:, d])
+    return gram, rhs[..., None]  # one system per output: (out, d, d), (out, d, 1)
 
 
 @torch.no_grad()
-def _fit_conv(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, ridge: float) -> None:
+def _write_per_output(layer: nn.Module, solution: torch.Tensor) -> None:
+    """gamma[c] (and bias[c]) from one solution column per output channel."""
+    d = layer.gamma.shape[1]
+    layer.gamma.copy_(solution[:, :d, 0])
+    if layer.bias is not None:
+        layer.bias.copy_(solution[:, d, 0])
+
+
+@torch.no_grad()
+def _conv_equations(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor):
     """Plain conv, groups == 1: regression on unfolded input patches."""
     x, padding = _padded(conv, x)
     bias = conv.bias is not None
@@ -79,14 +89,19 @@ def _fit_conv(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, ridge: float) -
         target = y[part].flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
         gram += z.T @ z
         rhs += z.T @ target
-    solution = _solve(gram, rhs, ridge)
+    return gram, rhs
+
+
+@torch.no_grad()
+def _write_conv(conv: nn.Conv2d, solution: torch.Tensor) -> None:
+    d = conv.weight[0].numel()
     conv.weight.copy_(solution[:d].T.reshape_as(conv.weight))
-    if bias:
+    if conv.bias is not None:
         conv.bias.copy_(solution[d])
 
 
 @torch.no_grad()
-def _fit_projected_conv(conv: ProjectedConv2d, x: torch.Tensor, y: torch.Tensor, ridge: float) -> None:
+def _projected_conv_equations(conv: ProjectedConv2d, x: torch.Tensor, y: torch.Tensor):
     """y_c = sum_i gamma[c, i] * conv(x_i, W[c, i]) + b_c: per output channel, a
     regression on the responses of its frozen per-input-channel kernels, computed for
     all (i, c) pairs of a group in one grouped conv."""
@@ -109,34 +124,58 @@ def _fit_projected_conv(conv: ProjectedConv2d, x: torch.Tensor, y: torch.Tensor,
             target = y[part, g * out_g:(g + 1) * out_g].flatten(2)  # (b, out_g, P)
             gram[g * out_g:(g + 1) * out_g] += torch.einsum("bicp,bjcp->cij", z, z)
             rhs[g * out_g:(g + 1) * out_g] += torch.einsum("bicp,bcp->ci", z, target)
-    solution = _solve(gram, rhs[..., None], ridge)[..., 0]
-    conv.gamma.copy_(solution[:, :in_g])
-    if bias:
-        conv.bias.copy_(solution[:, in_g])
+    return gram, rhs[..., None]
 
 
-def closed_form_fit(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-6) -> bool:
-    """Fit `probe` so that probe(x) ~ y in closed form; False when its output is not
-    linear in its trainable parameters in a way handled here."""
-    x, y = x.double(), y.double()
-    fitters = [
-        (ProjectedConv2d, _fit_projected_conv), (ProjectedLinear, _fit_projected_linear),
-        (nn.Linear, _fit_linear),
-    ]
-    for kind, fit in fitters:
-        if isinstance(probe, kind):
-            return _apply_in_double(probe, fit, x, y, ridge)
+RIDGE_GRID = (1e-6, 1e-4, 1e-2, 1e-1, 1.0)
+
+
+def _solver_for(probe: nn.Module):
+    if isinstance(probe, ProjectedConv2d):
+        return _projected_conv_equations, _write_per_output
+    if isinstance(probe, ProjectedLinear):
+        return _projected_linear_equations, _write_per_output
+    if isinstance(probe, nn.Linear):
+        return _linear_equations, _write_linear
     if isinstance(probe, nn.Conv2d) and probe.groups == 1:
-        return _apply_in_double(probe, _fit_conv, x, y, ridge)
-    return False
+        return _conv_equations, _write_conv
+    return None
 
 
-def _apply_in_double(module: nn.Module, fit, x, y, ridge) -> bool:
-    # Normal equations lose precision in float32; solve in float64, store in the model's dtype.
-    work = copy.deepcopy(module).double()
-    fit(work, x, y, ridge)
+def closed_form_fit(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: float | None = None,
+                    seed: int = 0) -> bool:
+    """Fit `probe` so that probe(x) ~ y by ridge least squares; False when its output is
+    not linear in its trainable parameters in a way handled here.
+
+    The ridge strength (relative to the normal matrix's mean diagonal) is chosen from
+    RIDGE_GRID by the error on a held-out fifth of the samples, computed from that part's
+    normal equations, then the fit is redone on all samples. With fewer samples than
+    features, a tiny ridge would interpolate the proxy set."""
+    solver = _solver_for(probe)
+    if solver is None:
+        return False
+    equations, write = solver
+    work = copy.deepcopy(probe).double()  # normal equations lose precision in float32
+    x, y = x.double(), y.double()
+    grid = RIDGE_GRID if ridge is None else (ridge,)
+    if len(grid) > 1 and len(x) >= 10:
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        held, train = order[: len(x) // 5], order[len(x) // 5:]
+        gram_t, rhs_t = equations(work, x[train], y[train])
+        gram_h, rhs_h = equations(work, x[held], y[held])
+
+        def held_error(lam: float) -> float:
+            w = _solve(gram_t, rhs_t, lam)
+            return float((w * (gram_h @ w)).sum() - 2 * (w * rhs_h).sum())
+
+        best = min(grid, key=held_error)
+        gram, rhs = gram_t + gram_h, rhs_t + rhs_h
+    else:
+        best = grid[0]
+        gram, rhs = equations(work, x, y)
+    write(work, _solve(gram, rhs, best))
     with torch.no_grad():
-        for name, param in module.named_parameters():
+        for name, param in probe.named_parameters():
             param.copy_(dict(work.named_parameters())[name].to(param.dtype))
     return True
 
