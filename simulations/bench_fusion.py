@@ -17,7 +17,6 @@ from simulations.tables import make_console
 from rich.table import Table
 
 import data
-import models
 from clients import training
 from clients.task import TrainTask
 from strategies.fusion import fuse, neuron_attributions

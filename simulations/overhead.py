@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def plain_loop(settings: RunSettings) -> list[dict]:
     rows = []
     for server_round in range(1, settings.rounds + 1):
         started = time.perf_counter()
-        round_task = type(task)(**{**task.__dict__, "server_round": server_round})
+        round_task = replace(task, server_round=server_round)
         updates = [local_update(round_task, pid, global_state) for pid in range(settings.federation.clients)]
         weights = np.array([m["num-examples"] for _, m in updates], dtype=np.float64)
         weights /= weights.sum()
