@@ -43,10 +43,18 @@ class TrainTask:
 
 
     def build_model(self, num_classes: int):
-        """The model clients train: created, then projected when asked."""
+        """The model clients train: created, then projected when asked.
+
+        Seeded by the run's seed: tensors that never travel (frozen kernels of a
+        randomly initialised projected model) must be the same on the server and on
+        every client."""
+        import torch
+
         import models
 
-        model = models.create(self.model, num_classes, pretrained=self.pretrained, weights=self.weights or None)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.federation.seed)
+            model = models.create(self.model, num_classes, pretrained=self.pretrained, weights=self.weights or None)
         return models.project(model, pointwise=self.pointwise, inplace=True) if self.projection else model
 
     def input_spec(self, dataset) -> InputSpec:

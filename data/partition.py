@@ -10,12 +10,12 @@ from typing import Callable
 
 import datasets
 import numpy as np
-from sklearn.model_selection import train_test_split
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
     PathologicalPartitioner,
 )
+from sklearn.model_selection import train_test_split
 
 from data.datasets import DatasetError
 

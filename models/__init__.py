@@ -1,10 +1,22 @@
 """Backbones, the model registry, projection and the exchanged state. No flwr import."""
 
 from models.levels import Level, levels
-from models.projection import POINTWISE_POLICIES, ProjectedConv2d, ProjectedLinear, fold, is_projected, project
+from models.projection import (
+    POINTWISE_POLICIES,
+    ProjectedConv2d,
+    ProjectedLinear,
+    fold,
+    is_projected,
+    project,
+)
 from models.registry import ModelError, ModelInfo, create, info, names, register
 from models.report import format_report, parameter_report
-from models.state import exchanged_names, exchanged_state, load_exchanged_state, state_bytes
+from models.state import (
+    exchanged_names,
+    exchanged_state,
+    load_exchanged_state,
+    state_bytes,
+)
 
 __all__ = [
     "POINTWISE_POLICIES", "Level", "ModelError", "ModelInfo", "ProjectedConv2d", "ProjectedLinear", "create",

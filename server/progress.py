@@ -9,7 +9,13 @@ from typing import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 
 class RunProgress:

@@ -7,8 +7,16 @@ from functools import partial
 from logging import INFO
 
 import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -84,7 +92,6 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         "label_skew": label_skew(histogram),
     })
 
-    torch.manual_seed(spec.seed)
     task = settings.train_task()
     model = task.build_model(federation.num_classes)
     test_loader = BatchLoader(federation.data.test_images, federation.data.test_labels,

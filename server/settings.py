@@ -4,8 +4,8 @@ in full before Ray starts."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import data
 import models

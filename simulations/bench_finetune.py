@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-
 from data import FederationSpec
 from server.settings import RunSettings
 from simulations.tables import curve_table, make_console, print_tables, summary_table

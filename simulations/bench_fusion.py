@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
-from simulations.tables import make_console
 from rich.table import Table
 
 import data
 from clients import training
 from clients.task import TrainTask
+from simulations.tables import make_console
 from strategies.fusion import fuse, neuron_attributions
 
 
@@ -47,8 +48,8 @@ def ensemble_accuracy(model_list, loader) -> float:
 
 def run_setting(args, shared_init: bool, split: str) -> dict:
     ds = data.load(args.dataset)
-    task = TrainTask(model=args.model, projection=args.projection, resolution=args.resolution,
-                     lr=args.lr, batch_size=64)
+    task = TrainTask(federation=data.FederationSpec(seed=args.seed), model=args.model, projection=args.projection,
+                     resolution=args.resolution, lr=args.lr, batch_size=64)
     spec = task.input_spec(ds)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(ds.train_labels))
@@ -61,13 +62,11 @@ def run_setting(args, shared_init: bool, split: str) -> dict:
     test = data.BatchLoader(ds.test_images[:args.test_size], ds.test_labels[:args.test_size], spec, 500)
     proxy = data.BatchLoader(ds.train_images[proxy_idx], None, spec, 256)
 
-    torch.manual_seed(args.seed)
     start = task.build_model(ds.num_classes)
     trained, scores = [], []
     for i, shard in enumerate(shards):
-        if not shared_init:
-            torch.manual_seed(args.seed + 1 + i)
-            start = task.build_model(ds.num_classes)
+        if not shared_init:  # build_model is seeded by the federation seed: give each model its own
+            start = replace(task, federation=replace(task.federation, seed=args.seed + 1 + i)).build_model(ds.num_classes)
         model = copy.deepcopy(start)
         loader = data.BatchLoader(ds.train_images[pool[shard]], labels[shard], spec, 64, shuffle=True, seed=i)
         training.train(model, loader, args.epochs, args.lr)

@@ -10,10 +10,10 @@ import statistics
 import time
 
 import torch
-from simulations.tables import make_console
 from rich.table import Table
 
 import models
+from simulations.tables import make_console
 
 BENCH_MODELS = {
     "efficientnet-lite0": dict(pretrained=True),

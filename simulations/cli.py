@@ -82,7 +82,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from data import build_federation
     from simulations.simulate import simulate
-    from simulations.tables import histogram_table, make_console, print_tables, summary_table
+    from simulations.tables import (
+        histogram_table,
+        make_console,
+        print_tables,
+        summary_table,
+    )
 
     try:  # every check happens here, before Ray starts and before --out is touched
         settings = settings_from_args(args)

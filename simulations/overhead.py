@@ -13,8 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
-from simulations.tables import make_console
 from rich.table import Table
 
 import models
@@ -23,6 +21,7 @@ from clients.local_update import local_update
 from data import BatchLoader, FederationSpec, build_federation
 from server.results import read_jsonl
 from server.settings import RunSettings
+from simulations.tables import make_console
 
 
 def plain_loop(settings: RunSettings) -> list[dict]:
@@ -30,7 +29,6 @@ def plain_loop(settings: RunSettings) -> list[dict]:
     runtime.configure_threads(os.cpu_count() or 1)
     task = settings.train_task()
     federation = build_federation(settings.federation)
-    torch.manual_seed(settings.federation.seed)
     model = task.build_model(federation.num_classes)
     test = BatchLoader(federation.data.test_images, federation.data.test_labels,
                        task.input_spec(federation.data), batch_size=250)

@@ -3,9 +3,9 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 import strategies
-from flwr.supercore.task_identity import TaskIdentity
 from strategies import PartitionSampler
 from strategies.validation import reply_problem
 

@@ -64,3 +64,16 @@ def test_exchanged_state_round_trips_and_refuses_a_wrong_shape():
         assert "0.weight" in str(err)
     else:
         raise AssertionError("wrong shape accepted")
+
+
+def test_the_initial_model_is_the_same_on_server_and_every_client():
+    """Frozen tensors never travel, so a randomly initialised projected model must be
+    built identically everywhere from the run's seed."""
+    task = TrainTask(federation=data.FederationSpec(seed=3), model="simple-cnn", projection=True)
+    torch.manual_seed(123)  # whatever the process did before
+    a = task.build_model(10).state_dict()
+    torch.manual_seed(456)
+    b = task.build_model(10).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = TrainTask(federation=data.FederationSpec(seed=4), model="simple-cnn").build_model(10).state_dict()
+    assert not torch.equal(other["0.weight"], a["0.weight"])
