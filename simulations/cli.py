@@ -137,6 +137,15 @@ def cmd_bench_fusion(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from simulations.fuse_checkpoints import main as fuse_main
+
+    try:
+        return fuse_main(args)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfuse", description="Federated simulations on Flower: fusion vs FedAvg.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     fusion.add_argument("--test-size", type=int, default=10000)
     fusion.add_argument("--threads", type=int, default=1)
     fusion.add_argument("--seed", type=int, default=0)
+    fuse = sub.add_parser("fuse", help="one-shot fusion of trained checkpoints (model.pt files)")
+    fuse.add_argument("checkpoints", nargs="+", help="model.pt files of one architecture")
+    fuse.add_argument("--out", required=True, help="where to write the fused model.pt")
+    fuse.add_argument("--dataset", default="fashion-mnist", help="proxy images come from its training set, test from its test set")
+    fuse.add_argument("--data-root", default="")
+    fuse.add_argument("--proxy-size", type=int, default=512)
+    fuse.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -189,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "compare": cmd_compare, "bench-overhead": cmd_overhead,
                "bench-projection": cmd_bench_projection, "bench-finetune": cmd_bench_finetune,
-               "bench-fusion": cmd_bench_fusion}[args.command]
+               "bench-fusion": cmd_bench_fusion, "fuse": cmd_fuse}[args.command]
     return handler(args)
 
 

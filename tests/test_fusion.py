@@ -140,3 +140,43 @@ def test_fusion_engine_does_not_import_flwr():
     code = "import strategies.fusion, models, data, sys; print('flwr' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _save_checkpoint(path, model, name="simple-cnn", num_classes=10):
+    torch.save({"model": name, "num_classes": num_classes, "state_dict": model.state_dict(), "settings": {}}, path)
+
+
+def test_fuse_command_writes_a_loadable_model_and_compares_baselines(mnist, tmp_path, capsys):
+    from simulations.cli import main
+
+    ds, spec = mnist
+    for i in range(2):
+        model, _ = _train(ds, spec, np.arange(i * 1500, (i + 1) * 1500), seed=20 + i, epochs=1)
+        _save_checkpoint(tmp_path / f"m{i}.pt", model)
+    out = tmp_path / "fused.pt"
+    code = main(["fuse", str(tmp_path / "m0.pt"), str(tmp_path / "m1.pt"), "--out", str(out),
+                 "--dataset", "mnist-5k", "--proxy-size", "256"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "weight average" in printed and "output ensemble" in printed and "fusion" in printed
+    saved = torch.load(out, weights_only=False)
+    fused = models.create("simple-cnn", 10)
+    fused.load_state_dict(saved["state_dict"])
+    assert len(saved["fusion_report"]["levels"]) == 5
+    assert _accuracy(fused.eval(), ds, spec) > 0.5
+
+
+def test_fuse_command_refuses_bad_checkpoints(tmp_path, capsys):
+    from simulations.cli import main
+
+    _save_checkpoint(tmp_path / "a.pt", models.create("simple-cnn", 10))
+    _save_checkpoint(tmp_path / "b.pt", models.create("simple-cnn", 5), num_classes=10)
+    (tmp_path / "c.pt").write_bytes(b"not a checkpoint")
+    cases = [
+        ([str(tmp_path / "missing.pt")], "does not exist"),
+        ([str(tmp_path / "a.pt"), str(tmp_path / "b.pt")], "b.pt does not fit simple-cnn"),
+        ([str(tmp_path / "a.pt"), str(tmp_path / "c.pt")], "c.pt is unreadable"),
+    ]
+    for paths, message in cases:
+        assert main(["fuse", *paths, "--out", str(tmp_path / "x.pt"), "--dataset", "mnist-5k"]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
