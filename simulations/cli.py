@@ -146,6 +146,12 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         return _fail(str(err))
 
 
+def cmd_bench_fusion_cost(args: argparse.Namespace) -> int:
+    from simulations.bench_fusion_cost import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfuse", description="Federated simulations on Flower: fusion vs FedAvg.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     fusion.add_argument("--test-size", type=int, default=10000)
     fusion.add_argument("--threads", type=int, default=1)
     fusion.add_argument("--seed", type=int, default=0)
+    cost = sub.add_parser("bench-fusion-cost", help="fusion seconds for 2..16 models; closed-form vs gradient fits")
+    cost.add_argument("--model", default="simple-cnn")
+    cost.add_argument("--projection", action="store_true")
+    cost.add_argument("--resolution", type=int, default=0)
+    cost.add_argument("--counts", default="2,4,8,16")
+    cost.add_argument("--proxy-size", type=int, default=512)
+    cost.add_argument("--threads", type=int, default=1)
     fuse = sub.add_parser("fuse", help="one-shot fusion of trained checkpoints (model.pt files)")
     fuse.add_argument("checkpoints", nargs="+", help="model.pt files of one architecture")
     fuse.add_argument("--out", required=True, help="where to write the fused model.pt")
@@ -205,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "compare": cmd_compare, "bench-overhead": cmd_overhead,
                "bench-projection": cmd_bench_projection, "bench-finetune": cmd_bench_finetune,
-               "bench-fusion": cmd_bench_fusion, "fuse": cmd_fuse}[args.command]
+               "bench-fusion": cmd_bench_fusion, "fuse": cmd_fuse,
+               "bench-fusion-cost": cmd_bench_fusion_cost}[args.command]
     return handler(args)
 
 
