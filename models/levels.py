@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import nn
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+from models.projection import NORM_LAYERS
 
 
 @dataclass
@@ -46,7 +46,7 @@ def output_width(module: nn.Module) -> int:
             width = m.out_channels
         elif isinstance(m, nn.Linear):
             width = m.out_features
-        elif isinstance(m, _NORMS) and getattr(m, "num_features", None):
+        elif isinstance(m, NORM_LAYERS) and getattr(m, "num_features", None):
             width = m.num_features
     if width is None:
         raise ValueError(f"level {type(module).__name__} has no conv, linear or norm layer")

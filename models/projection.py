@@ -93,7 +93,7 @@ _PROJECTORS: dict[type, Callable[[nn.Module], nn.Module]] = {
     nn.Conv2d: ProjectedConv2d,
     nn.Linear: ProjectedLinear,
 }
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def head_name(model: nn.Module) -> str:
@@ -146,7 +146,7 @@ def project(model: nn.Module, pointwise: str = "freeze", inplace: bool = False) 
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():
-        if isinstance(module, (ProjectedConv2d, ProjectedLinear, *_NORMS)):
+        if isinstance(module, (ProjectedConv2d, ProjectedLinear, *NORM_LAYERS)):
             for param in module.parameters(recurse=False):
                 param.requires_grad_(True)
     for module in trainable_modules + [model.get_submodule(head)]:

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from torch import nn
 
-from models.projection import ProjectedConv2d, ProjectedLinear
+from models.projection import NORM_LAYERS, ProjectedConv2d, ProjectedLinear
 from models.state import exchanged_names
 
 
@@ -21,7 +21,7 @@ def _kind(module: nn.Module) -> str:
         if module.groups > 1 and module.groups == module.in_channels:
             return "depthwise conv"
         return "pointwise conv" if tuple(module.kernel_size) == (1, 1) else "conv"
-    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+    if isinstance(module, NORM_LAYERS):
         return "norm"
     if isinstance(module, nn.Linear):
         return "linear"

@@ -20,20 +20,12 @@ import data
 from clients import training
 from clients.task import TrainTask
 from simulations.tables import make_console
-from strategies.fusion import fuse, neuron_attributions
+from strategies.fusion import average_models, fuse, neuron_attributions
 
 
 def class_split_shards(labels: np.ndarray, num_models: int, num_classes: int) -> list[np.ndarray]:
     groups = np.array_split(np.arange(num_classes), num_models)
     return [np.flatnonzero(np.isin(labels, g)) for g in groups]
-
-
-def average(model_list: list[torch.nn.Module]) -> torch.nn.Module:
-    averaged = copy.deepcopy(model_list[0])
-    states = [m.state_dict() for m in model_list]
-    averaged.load_state_dict({k: sum(s[k].double() for s in states).div(len(states)).to(v.dtype)
-                              if v.is_floating_point() else v for k, v in states[0].items()})
-    return averaged
 
 
 @torch.no_grad()
@@ -75,7 +67,7 @@ def run_setting(args, shared_init: bool, split: str) -> dict:
         scores.append(neuron_attributions(model, loader, "gradxact", max_samples=256))
 
     row = {f"model {i}": training.evaluate(m, test)["accuracy"] for i, m in enumerate(trained)}
-    row["average"] = training.evaluate(average(trained), test)["accuracy"]
+    row["average"] = training.evaluate(average_models(trained), test)["accuracy"]
     row["ensemble"] = ensemble_accuracy(trained, test)
     started = time.perf_counter()
     fused_uniform, _ = fuse(trained, proxy, seed=args.seed)

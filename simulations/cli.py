@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -113,30 +114,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_overhead(args: argparse.Namespace) -> int:
-    from simulations.overhead import main as overhead_main
-
-    return overhead_main(args)
-
-
-def cmd_bench_projection(args: argparse.Namespace) -> int:
-    from simulations.bench_projection import main as bench_main
-
-    return bench_main(args)
-
-
-def cmd_bench_finetune(args: argparse.Namespace) -> int:
-    from simulations.bench_finetune import main as bench_main
-
-    return bench_main(args)
-
-
-def cmd_bench_fusion(args: argparse.Namespace) -> int:
-    from simulations.bench_fusion import main as bench_main
-
-    return bench_main(args)
-
-
 def cmd_fuse(args: argparse.Namespace) -> int:
     from simulations.fuse_checkpoints import main as fuse_main
 
@@ -146,10 +123,14 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         return _fail(str(err))
 
 
-def cmd_bench_fusion_cost(args: argparse.Namespace) -> int:
-    from simulations.bench_fusion_cost import main as bench_main
-
-    return bench_main(args)
+# Benchmarks: each module's main(args), imported only when its command runs.
+BENCHMARKS = {
+    "bench-overhead": "simulations.overhead",
+    "bench-projection": "simulations.bench_projection",
+    "bench-finetune": "simulations.bench_finetune",
+    "bench-fusion": "simulations.bench_fusion",
+    "bench-fusion-cost": "simulations.bench_fusion_cost",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,10 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "compare": cmd_compare, "bench-overhead": cmd_overhead,
-               "bench-projection": cmd_bench_projection, "bench-finetune": cmd_bench_finetune,
-               "bench-fusion": cmd_bench_fusion, "fuse": cmd_fuse,
-               "bench-fusion-cost": cmd_bench_fusion_cost}[args.command]
+    if args.command in BENCHMARKS:
+        return importlib.import_module(BENCHMARKS[args.command]).main(args)
+    handler = {"run": cmd_run, "compare": cmd_compare, "fuse": cmd_fuse}[args.command]
     return handler(args)
 
 

@@ -41,8 +41,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict, torch.nn.Module]:
 
 
 def main(args) -> int:
-    from simulations.bench_fusion import average, ensemble_accuracy
-    from strategies.fusion import fuse
+    from simulations.bench_fusion import ensemble_accuracy
+    from strategies.fusion import average_models, fuse
 
     loaded = [load_checkpoint(p) for p in args.checkpoints]
     names = {saved["model"] for saved, _ in loaded}
@@ -58,7 +58,7 @@ def main(args) -> int:
 
     fused, report = fuse(nets, proxy, seed=args.seed)
     rows = [(Path(p).parent.name or str(p), training.evaluate(m, test)["accuracy"]) for p, m in zip(args.checkpoints, nets)]
-    rows += [("weight average", training.evaluate(average(nets), test)["accuracy"]),
+    rows += [("weight average", training.evaluate(average_models(nets), test)["accuracy"]),
              ("output ensemble", ensemble_accuracy(nets, test)),
              ("fusion", training.evaluate(fused, test)["accuracy"])]
     table = Table(title=f"one-shot fusion of {len(nets)} {model_name} checkpoints ({report['seconds']:.1f} s, "

@@ -55,10 +55,14 @@ def _check_models(models: list[nn.Module]) -> None:
                 raise FusionError(f"model {i} has non-finite values in {name}")
 
 
-def _average_state(models: list[nn.Module]) -> dict:
+def average_models(models: list[nn.Module]) -> nn.Module:
+    """Vanilla weight averaging: a copy of the first model holding the mean of all
+    models' floating-point tensors (integer buffers from the first)."""
     states = [m.state_dict() for m in models]
-    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v.clone()
-            for k, v in states[0].items()}
+    averaged = copy.deepcopy(models[0])
+    averaged.load_state_dict({k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype)
+                              if v.is_floating_point() else v.clone() for k, v in states[0].items()})
+    return averaged
 
 
 @torch.no_grad()
@@ -109,8 +113,7 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
     _check_models(models)
     x = _proxy_inputs(proxy_loader)
     model_levels = [levels(m) for m in models]
-    fused = copy.deepcopy(models[0])
-    fused.load_state_dict(_average_state(models))
+    fused = average_models(models)
     fused_levels = levels(fused)
     widths = [lv.width for lv in fused_levels]
     if attributions is not None:
