@@ -30,13 +30,16 @@ def neuron_attributions(model: nn.Module, loader, method: str = "gradxact", max_
     x, y = torch.cat(inputs)[:max_samples], torch.cat(labels)[:max_samples]
     was_training = model.training
     model.eval()
+    owned = {id(m) for m in model.modules()}
     scores = []
     for level in level_list:
+        layer = level.probe
+        while id(layer) not in owned:  # a wrapper made by levels() (stem = conv + norm): hook its last part
+            layer = list(layer.children())[-1]
         if method == "gradxact":
-            attr = LayerGradientXActivation(model, level.probe).attribute(x, target=y)
+            attr = LayerGradientXActivation(model, layer).attribute(x, target=y)
         else:
-            attr = LayerConductance(model, level.probe).attribute(x, target=y, n_steps=16,
-                                                                  internal_batch_size=64)
+            attr = LayerConductance(model, layer).attribute(x, target=y, n_steps=16, internal_batch_size=64)
         scores.append(attr.detach().abs().transpose(0, 1).reshape(level.width, -1).mean(1).float())
     model.train(was_training)
     return scores

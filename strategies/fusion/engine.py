@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from models import levels
+from models import ProjectedConv2d, ProjectedLinear, levels
+from strategies.fusion.chains import conv_norm_chain, fit_chain
 from strategies.fusion.fitting import closed_form_fit, gradient_fit
 from strategies.fusion.matching import match_level
 
@@ -84,6 +85,17 @@ def reestimate_batchnorm(module: nn.Module, x: torch.Tensor, batch_size: int = 2
         m.momentum = momentum
 
 
+def _free_layer(probe: nn.Module) -> bool:
+    """A plain Conv/Linear whose weights all train: it can take any matched function."""
+    return (isinstance(probe, (nn.Conv2d, nn.Linear)) and not isinstance(probe, (ProjectedConv2d, ProjectedLinear))
+            and all(p.requires_grad for p in probe.parameters()))
+
+
+@torch.no_grad()
+def _apply_activation(chain, pre_activation: torch.Tensor) -> torch.Tensor:
+    return chain.stages[-1].act(pre_activation.clone())
+
+
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean())
 
@@ -150,15 +162,29 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
         else:
             scores = [torch.ones(level.width) for _ in models] if attributions is None \
                 else [attributions[i][index] for i in range(len(models))]
-            matching = match_level(client_acts, scores, current, max_dim=max_dim, seed=seed + index)
-            targets, matching_cost, moved, init = matching.targets, matching.cost, matching.moved, matching.init
+            chain = conv_norm_chain(level.module) if level.probe is level.module and fit != "gradient" else None
+            values = fused_values = None
+            if chain is not None and not isinstance(chain.stages[-1].act, nn.Identity):
+                # The fit is linear before the activation: average the members' pre-activations.
+                with torch.no_grad():
+                    values = [conv_norm_chain(lv.module).outputs(p)[-1] for lv, p in zip(client_levels, probe_ins)]
+                    fused_values = chain.outputs(fused_probe_in)[-1]
+            matching = match_level(client_acts, scores, current, max_dim=max_dim, seed=seed + index,
+                                   fresh_start=_free_layer(level.probe), values=values, fused_values=fused_values)
+            matched, matching_cost, moved, init = matching.targets, matching.cost, matching.moved, matching.init
+            targets = matched if values is None else _apply_activation(chain, matched)
 
         loss_before = _mse(current, targets)
         saved = copy.deepcopy(level.module.state_dict())
         block = level.probe is level.module
-        if block:  # the block's BatchNorms first see the fused model's own input (the proxy)
+        if block and chain is None:  # the block's BatchNorms first see the fused model's own input (the proxy)
             reestimate_batchnorm(level.module, fused_in)
-        if fit in ("auto", "closed") and closed_form_fit(level.probe, fused_probe_in, targets, ridge, seed=seed + index):
+        if level.kind != "head" and chain is not None and fit_chain(
+                chain, fused_probe_in, [conv_norm_chain(lv.module) for lv in client_levels], probe_ins,
+                matched - fused_probe_in if chain.skip else matched, ridge, seed=seed + index):
+            how = "closed (chain)"
+        elif fit in ("auto", "closed") and closed_form_fit(level.probe, fused_probe_in, targets, ridge,
+                                                           seed=seed + index):
             how = "closed"
         elif fit == "closed" and not block:
             raise FusionError(f"level {level.name}: no closed-form fit for {type(level.probe).__name__}")

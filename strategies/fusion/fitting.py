@@ -74,10 +74,10 @@ def _write_per_output(layer: nn.Module, solution: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _conv_equations(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor):
+def _conv_equations(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, bias: bool | None = None):
     """Plain conv, groups == 1: regression on unfolded input patches."""
     x, padding = _padded(conv, x)
-    bias = conv.bias is not None
+    bias = conv.bias is not None if bias is None else bias
     d = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     gram = torch.zeros(d + bias, d + bias, dtype=x.dtype)
     rhs = torch.zeros(d + bias, conv.out_channels, dtype=x.dtype)
@@ -101,14 +101,15 @@ def _write_conv(conv: nn.Conv2d, solution: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _projected_conv_equations(conv: ProjectedConv2d, x: torch.Tensor, y: torch.Tensor):
+def _projected_conv_equations(conv: ProjectedConv2d, x: torch.Tensor, y: torch.Tensor, bias: bool | None = None):
     """y_c = sum_i gamma[c, i] * conv(x_i, W[c, i]) + b_c: per output channel, a
     regression on the responses of its frozen per-input-channel kernels, computed for
-    all (i, c) pairs of a group in one grouped conv."""
+    all (i, c) pairs of a group in one grouped conv. `bias` adds the b_c column (default:
+    when the conv has a bias)."""
     x, padding = _padded(conv, x)
     groups, out = conv.groups, conv.out_channels
     in_g, out_g = conv.in_channels // groups, out // groups
-    bias = conv.bias is not None
+    bias = conv.bias is not None if bias is None else bias
     gram = torch.zeros(out, in_g + bias, in_g + bias, dtype=x.dtype)
     rhs = torch.zeros(out, in_g + bias, dtype=x.dtype)
     for g in range(groups):
@@ -142,38 +143,40 @@ def _solver_for(probe: nn.Module):
     return None
 
 
-def closed_form_fit(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: float | None = None,
-                    seed: int = 0) -> bool:
-    """Fit `probe` so that probe(x) ~ y by ridge least squares; False when its output is
-    not linear in its trainable parameters in a way handled here.
-
-    The ridge strength (relative to the normal matrix's mean diagonal) is chosen from
-    RIDGE_GRID by the error on a held-out fifth of the samples, computed from that part's
-    normal equations, then the fit is redone on all samples. With fewer samples than
-    features, a tiny ridge would interpolate the proxy set."""
-    solver = _solver_for(probe)
-    if solver is None:
-        return False
-    equations, write = solver
-    work = copy.deepcopy(probe).double()  # normal equations lose precision in float32
+def ridge_solution(equations, x: torch.Tensor, y: torch.Tensor, ridge: float | None = None,
+                   seed: int = 0) -> torch.Tensor:
+    """Solve the ridge least squares whose normal equations `equations(x, y)` returns, in
+    float64. The ridge strength (relative to the normal matrix's mean diagonal) is chosen
+    from RIDGE_GRID by the error on a held-out fifth of the samples, computed from that
+    part's normal equations, then the fit is redone on all samples. With fewer samples
+    than features, a tiny ridge would interpolate the proxy set."""
     x, y = x.double(), y.double()
     grid = RIDGE_GRID if ridge is None else (ridge,)
     if len(grid) > 1 and len(x) >= 10:
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
         held, train = order[: len(x) // 5], order[len(x) // 5:]
-        gram_t, rhs_t = equations(work, x[train], y[train])
-        gram_h, rhs_h = equations(work, x[held], y[held])
+        gram_t, rhs_t = equations(x[train], y[train])
+        gram_h, rhs_h = equations(x[held], y[held])
 
         def held_error(lam: float) -> float:
             w = _solve(gram_t, rhs_t, lam)
             return float((w * (gram_h @ w)).sum() - 2 * (w * rhs_h).sum())
 
-        best = min(grid, key=held_error)
-        gram, rhs = gram_t + gram_h, rhs_t + rhs_h
-    else:
-        best = grid[0]
-        gram, rhs = equations(work, x, y)
-    write(work, _solve(gram, rhs, best))
+        return _solve(gram_t + gram_h, rhs_t + rhs_h, min(grid, key=held_error))
+    gram, rhs = equations(x, y)
+    return _solve(gram, rhs, grid[0])
+
+
+def closed_form_fit(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: float | None = None,
+                    seed: int = 0) -> bool:
+    """Fit `probe` so that probe(x) ~ y by ridge least squares (`ridge_solution`); False
+    when its output is not linear in its trainable parameters in a way handled here."""
+    solver = _solver_for(probe)
+    if solver is None:
+        return False
+    equations, write = solver
+    work = copy.deepcopy(probe).double()  # normal equations lose precision in float32
+    write(work, ridge_solution(lambda a, b: equations(work, a, b), x, y, ridge, seed))
     with torch.no_grad():
         for name, param in probe.named_parameters():
             param.copy_(dict(work.named_parameters())[name].to(param.dtype))

@@ -35,7 +35,15 @@ def _normalised(scores: torch.Tensor) -> np.ndarray:
 
 
 def match_level(client_acts: list[torch.Tensor], scores: list[torch.Tensor], fused_acts: torch.Tensor,
-                max_dim: int = 4096, seed: int = 0) -> Matching:
+                max_dim: int = 4096, seed: int = 0, fresh_start: bool = True,
+                values: list[torch.Tensor] | None = None, fused_values: torch.Tensor | None = None) -> Matching:
+    """Cluster all models' neurons (points: their activations) into the fused width by
+    attribution-weighted k-means started from the fused model's neurons, and assign the
+    clusters to the fused channels. `fresh_start` also tries k-means++ and keeps it when
+    clearly better: only for levels free to take any function (plain trainable layers),
+    since with frozen kernels or a skip connection a channel's meaning is fixed.
+    A target is the weighted mean of its cluster's members' `values` (default: the
+    activations clustered; e.g. their pre-activations, when those are what is fitted)."""
     width = fused_acts.shape[1]
     per_channel = fused_acts[:, 0].numel()  # samples x positions
     generator = torch.Generator().manual_seed(seed)
@@ -47,16 +55,19 @@ def match_level(client_acts: list[torch.Tensor], scores: list[torch.Tensor], fus
     with warnings.catch_warnings():
         # Dead (all-zero) neurons are duplicate points: fewer distinct clusters is expected.
         warnings.simplefilter("ignore", ConvergenceWarning)
-        seeded = KMeans(width, init=current, n_init=1, random_state=seed).fit(points, sample_weight=weights)
-        fresh = KMeans(width, init="k-means++", n_init=3, random_state=seed).fit(points, sample_weight=weights)
-    # Prefer the start from the fused model's own neurons unless it is clearly worse.
-    km, init = (seeded, "fused") if seeded.inertia_ <= 1.05 * fresh.inertia_ else (fresh, "k-means++")
+        km, init = KMeans(width, init=current, n_init=1, random_state=seed).fit(points, sample_weight=weights), "fused"
+        if fresh_start:
+            fresh = KMeans(width, init="k-means++", n_init=3, random_state=seed).fit(points, sample_weight=weights)
+            if km.inertia_ > 1.05 * fresh.inertia_:  # the fused start unless clearly worse
+                km, init = fresh, "k-means++"
 
     # Targets over every coordinate: the weighted mean of each cluster's members.
-    sums = torch.zeros((width, *fused_acts.shape[:1], *fused_acts.shape[2:]), dtype=torch.float64)
+    values = client_acts if values is None else values
+    fused_values = fused_acts if fused_values is None else fused_values
+    sums = torch.zeros((width, *fused_values.shape[:1], *fused_values.shape[2:]), dtype=torch.float64)
     mass = torch.zeros(width, dtype=torch.float64)
     offset = 0
-    for acts in client_acts:
+    for acts in values:
         c = acts.shape[1]
         labels = torch.from_numpy(km.labels_[offset:offset + c]).long()
         w = torch.from_numpy(weights[offset:offset + c])
@@ -76,11 +87,11 @@ def match_level(client_acts: list[torch.Tensor], scores: list[torch.Tensor], fus
     # A channel left with an empty cluster keeps its current output as target.
     keep = empty[torch.from_numpy(assigned)]
     if keep.any():
-        targets[:, keep] = fused_acts[:, keep]
+        targets[:, keep] = fused_values[:, keep]
     power = float((targets.double() ** 2).mean()) or 1.0
     return Matching(
         targets=targets,
-        cost=float(((targets - fused_acts).double() ** 2).mean()) / power,
+        cost=float(((targets - fused_values).double() ** 2).mean()) / power,
         moved=float((assigned != np.arange(width)).mean()) if init == "fused" else float("nan"),
         init=init,
     )

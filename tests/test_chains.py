@@ -1,0 +1,63 @@
+import copy
+
+import pytest
+import torch
+
+import models
+from strategies.fusion import fuse
+from strategies.fusion.chains import conv_norm_chain, fit_chain
+
+
+@pytest.fixture(scope="module")
+def projected_effnet():
+    torch.manual_seed(0)
+    model = models.project(models.create("efficientnet-lite0", 10)).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_conv_norm_chains_reproduce_the_efficientnet_blocks(projected_effnet):
+    model = projected_effnet
+    x = torch.randn(2, 3, 32, 32)
+    blocks = [torch.nn.Sequential(model.conv_stem, model.bn1)] + [b for stage in model.blocks for b in stage]
+    kinds = set()
+    with torch.no_grad():
+        for block in blocks:
+            chain = conv_norm_chain(block)
+            assert chain is not None, type(block).__name__
+            kinds.add((len(chain.stages), chain.skip))
+            assert (chain(x) - block(x)).abs().max().item() < 1e-4
+            x = block(x)
+    assert kinds == {(1, False), (2, False), (3, False), (3, True)}  # stem, separable, MBConv with/without skip
+
+
+def test_a_chain_fit_recovers_a_reachable_block(projected_effnet):
+    block = projected_effnet.blocks[1][1]  # MBConv with skip: pointwise frozen, depthwise projected
+    teacher = copy.deepcopy(block)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        teacher.conv_dw.gamma.mul_(1 + 0.3 * torch.randn_like(teacher.conv_dw.gamma))
+        for norm in (teacher.bn1, teacher.bn2, teacher.bn3):
+            norm.weight.mul_(1 + 0.2 * torch.randn_like(norm.weight))
+            norm.bias.add_(0.1 * torch.randn_like(norm.bias))
+    x = torch.randn(64, block.conv_pw.in_channels, 8, 8)
+    with torch.no_grad():
+        target = teacher(x)
+        before = (block(x) - target).pow(2).mean().item()
+        chain, teacher_chain = conv_norm_chain(block), conv_norm_chain(teacher)
+        assert fit_chain(chain, x, [teacher_chain], [x], target - x)
+        after = (block(x) - target).pow(2).mean().item()
+    assert after < 1e-3 * before
+
+
+def test_fusing_identical_projected_efficientnets_returns_the_same_function(projected_effnet):
+    proxy = [torch.randn(32, 3, 32, 32)]
+    fused, report = fuse([projected_effnet, copy.deepcopy(projected_effnet)], proxy)
+    with torch.no_grad():
+        diff = (fused(proxy[0]) - projected_effnet(proxy[0])).abs().max().item()
+    assert diff < 1e-3
+    assert all(r["fit"].startswith("closed") for r in report["levels"])
