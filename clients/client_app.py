@@ -41,10 +41,19 @@ def train(msg: Message, context: Context) -> Message:
     task = TrainTask.from_config(msg.content["config"])
     runtime.configure_threads(task.client_cpus)
     global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    state, metrics = local_update(task, partition_id(context), global_state)
+    update = local_update(task, partition_id(context), global_state)
     content = RecordDict({
-        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()}),
-        "metrics": MetricRecord(metrics),
+        "arrays": _arrays(update.state),
+        "metrics": MetricRecord(update.metrics),
         "placement": ConfigRecord(runtime.placement()),
     })
+    # Fusion's extra records: neuron scores per level, and the class histogram if shared.
+    if update.attributions is not None:
+        content["attributions"] = _arrays(update.attributions)
+    if update.class_counts is not None:
+        content["class-counts"] = MetricRecord({"counts": update.class_counts})
     return Message(content, reply_to=msg)
+
+
+def _arrays(tensors: dict) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})

@@ -5,8 +5,9 @@ both call this."""
 from __future__ import annotations
 
 import copy
+import time
 import zlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -16,6 +17,7 @@ import models
 from clients import runtime, training
 from clients.task import TrainTask
 from data import BatchLoader, build_federation
+from strategies.fusion.attribution import neuron_attributions
 
 
 @lru_cache(maxsize=2)
@@ -24,7 +26,17 @@ def _initial_model(task: TrainTask, num_classes: int) -> torch.nn.Module:
     return task.build_model(num_classes)
 
 
-def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.ndarray]) -> tuple[dict, dict]:
+@dataclass
+class ClientUpdate:
+    state: dict[str, np.ndarray]  # the exchanged tensors after local training
+    metrics: dict
+    attributions: dict[str, np.ndarray] | None = None  # level name -> one score per neuron
+    class_counts: list[int] | None = None
+
+
+def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.ndarray]) -> ClientUpdate:
+    """Train on the shard; for fusion, also score every level's neurons on it (the labels
+    never leave the client: only one number per neuron does)."""
     device = runtime.pick_device()
     federation = build_federation(task.federation)
     if not 0 <= partition_id < len(federation.client_indices):
@@ -37,6 +49,7 @@ def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.
     torch.manual_seed(seed)
     loader = BatchLoader(images, labels, task.input_spec(federation.data), task.batch_size,
                          shuffle=True, seed=seed, device=device)
+    wall_start = time.time()
     stats = training.train(model, loader, task.local_epochs, task.lr, task.momentum,
                            task.weight_decay, task.proximal_mu, device)
     state = models.exchanged_state(model)
@@ -46,5 +59,18 @@ def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.
         "loss": float(stats["loss"]),
         "train-s": float(stats["train_s"]),
         "steps": int(stats["steps"]),
+        "train-start": wall_start,  # wall clock: which clients overlapped on a GPU
+        "train-end": time.time(),
     }
-    return state, metrics
+    update = ClientUpdate(state, metrics)
+    if task.attribution and task.attribution != "uniform":
+        started = time.perf_counter()
+        sample = BatchLoader(images, labels, task.input_spec(federation.data), task.batch_size,
+                             shuffle=True, seed=seed + 1, device=device)
+        scores = neuron_attributions(model, sample, task.attribution, max_samples=task.attribution_samples)
+        update.attributions = {level.name: s.detach().cpu().numpy().astype(np.float32)
+                               for level, s in zip(models.levels(model), scores)}
+        metrics["attribution-s"] = time.perf_counter() - started
+    if task.share_class_counts:
+        update.class_counts = np.bincount(labels, minlength=federation.num_classes).astype(int).tolist()
+    return update

@@ -28,6 +28,11 @@ class TrainTask:
     weight_decay: float = 0.0
     client_cpus: float = 1.0
     proximal_mu: float = 0.0  # FedProx sets "proximal-mu" itself; 0 is plain SGD
+    # Fusion: per-neuron attribution after training ("" when the strategy needs none),
+    # on at most this many of the client's samples, and whether the class histogram is sent.
+    attribution: str = ""
+    attribution_samples: int = 256
+    share_class_counts: bool = False
     server_round: int = 0
 
     def to_config(self) -> dict:
@@ -40,7 +45,6 @@ class TrainTask:
     def from_config(cls, config) -> "TrainTask":
         return cls(federation=FederationSpec.from_mapping(config),
                    **fields_from_mapping(cls, config, skip=("federation",)))
-
 
     def build_model(self, num_classes: int):
         """The model clients train: created, then projected when asked.

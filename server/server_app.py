@@ -7,6 +7,7 @@ from functools import partial
 from logging import INFO
 
 import numpy as np
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -25,7 +26,7 @@ import strategies
 from clients.training import evaluate
 from data import BatchLoader, build_federation, label_skew
 from server.progress import ProgressGrid, RunProgress
-from server.results import RunDirectory
+from server.results import RunDirectory, read_jsonl
 from server.settings import RunSettings, SettingsError
 
 app = ServerApp()
@@ -70,6 +71,10 @@ def map_nodes_to_partitions(grid: Grid, expected_clients: int, timeout: float = 
     return mapping
 
 
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
 def _arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
@@ -96,6 +101,9 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
     model = task.build_model(federation.num_classes)
     test_loader = BatchLoader(federation.data.test_images, federation.data.test_labels,
                               task.input_spec(federation.data), batch_size=250)
+    # The server's unlabeled proxy set, as model inputs (fusion fits the fused model on it).
+    proxy = torch.cat(list(BatchLoader(federation.proxy_images(), None, task.input_spec(federation.data), 256))) \
+        if settings.strategy == "fusion" else None
     sampler = strategies.PartitionSampler(node_to_partition, settings.fraction, settings.min_clients, spec.seed)
     history: list[dict] = []
     log(INFO, "fedfuse: %s on %s (%s), %d clients, %d rounds",
@@ -122,6 +130,7 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
             "clients_failed": record.clients_failed,
             "clients_rejected": record.clients_rejected,
             "projected": task.projection,
+            **record.extra,
         }
         history.append(row)
         out.append("metrics.jsonl", [row])
@@ -138,7 +147,11 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         if full_finetune:
             model = models.fold(model)
             task = settings.train_task(full_finetune=True)
-        strategy = strategies.build(settings.strategy, proximal_mu=settings.proximal_mu)
+        strategy = strategies.build(
+            settings.strategy, proximal_mu=settings.proximal_mu, template=model, proxy=proxy,
+            attribution=settings.attribution, seed=spec.seed,
+            num_classes=federation.num_classes if settings.share_class_counts else None,
+        )
         strategy.sampler, strategy.round_offset = sampler, done
         result = strategy.start(
             grid=ProgressGrid(grid, progress),
@@ -151,6 +164,8 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         done += num_rounds
 
     rounds = [r for r in history if r["round"] > 0]
+    client_lines = read_jsonl(out.path / "clients.jsonl") if (out.path / "clients.jsonl").exists() else []
+    attribution_seconds = [c["attribution_s"] for c in client_lines if "attribution_s" in c]
     summary = {
         "strategy": settings.strategy,
         "dataset": spec.dataset,
@@ -172,6 +187,9 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         "bytes_down": sum(r["bytes_down"] for r in rounds),
         "mean_round_s": float(np.mean([r["round_s"] for r in rounds])) if rounds else 0.0,
         "mean_aggregate_s": float(np.mean([r["aggregate_s"] for r in rounds])) if rounds else 0.0,
+        "mean_fusion_s": _mean([r["fusion_s"] for r in rounds if "fusion_s" in r]),
+        "mean_clients_used": _mean([r.get("clients_used", r["clients_ok"]) for r in rounds]),
+        "mean_attribution_s": _mean(attribution_seconds),
         "label_skew": label_skew(histogram),
         "wall_s": time.perf_counter() - started,
     }

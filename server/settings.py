@@ -13,6 +13,9 @@ import strategies
 from clients.task import TrainTask
 from data import FederationSpec
 from data.federation import fields_from_mapping
+from strategies.fusion.attribution import METHODS as ATTRIBUTION_METHODS
+
+MIN_FUSION_PROXY = 32
 
 
 class SettingsError(ValueError):
@@ -40,6 +43,9 @@ class RunSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0
     proximal_mu: float = 0.01
+    attribution: str = "gradxact"  # fusion's neuron scores: uniform, gradxact, conductance
+    attribution_samples: int = 256
+    share_class_counts: bool = True  # fusion: clients send their class histogram (head targets)
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     ray_address: str = ""
@@ -71,6 +77,9 @@ class RunSettings:
             resolution=self.resolution, local_epochs=self.local_epochs, batch_size=self.batch_size,
             lr=(self.full_finetune_lr or self.lr) if full_finetune else self.lr, momentum=self.momentum,
             weight_decay=self.weight_decay, client_cpus=self.client_cpus,
+            attribution=self.attribution if self.strategy == "fusion" else "",
+            attribution_samples=self.attribution_samples,
+            share_class_counts=self.share_class_counts and self.strategy == "fusion",
         )
 
     @property
@@ -111,6 +120,9 @@ class RunSettings:
             raise SettingsError(f"--momentum must be in [0, 1), got {self.momentum}")
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise SettingsError(f"--proximal-mu must be >= 0, got {self.proximal_mu}")
+        if self.attribution not in ATTRIBUTION_METHODS:
+            raise SettingsError(f"--attribution must be one of {', '.join(ATTRIBUTION_METHODS)}, got '{self.attribution}'")
+        _positive_int("--attribution-samples", self.attribution_samples)
         if not (self.client_cpus > 0):
             raise SettingsError(f"--client-cpus must be positive, got {self.client_cpus}")
         if not (0.0 <= self.client_gpus <= 1.0 or float(self.client_gpus).is_integer()):
@@ -128,6 +140,14 @@ class RunSettings:
             spec.partition, len(dataset.train_labels) - spec.proxy_size, dataset.num_classes,
             spec.clients, spec.alpha, spec.classes_per_client,
         )
+        if self.strategy == "fusion":
+            if spec.proxy_size < MIN_FUSION_PROXY:
+                raise SettingsError(f"--strategy fusion fits the fused model on the server's proxy set: "
+                                    f"--proxy-size must be at least {MIN_FUSION_PROXY}, got {spec.proxy_size}")
+            try:
+                models.levels(self.train_task().build_model(dataset.num_classes))
+            except ValueError as err:
+                raise SettingsError(f"--strategy fusion cannot cut --model {self.model} into levels: {err}") from None
         return dataset
 
 

@@ -12,7 +12,13 @@ DEFAULTS_NOTE = "defaults: Fashion-MNIST, Dirichlet alpha 0.5, 10 clients, simpl
 
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="one federated simulation", description=f"One simulation ({DEFAULTS_NOTE}).")
-    p.add_argument("--strategy", default="fedavg", help="fedavg or fedprox")
+    p.add_argument("--strategy", default="fedavg", help="fedavg, fedprox or fusion (neuron-centric fusion)")
+    p.add_argument("--attribution", default="gradxact",
+                   help="fusion's neuron scores, computed by each client on its shard: gradxact, conductance, "
+                        "or uniform (plain neuron-centric fusion)")
+    p.add_argument("--attribution-samples", type=int, default=256, help="client samples used for attributions")
+    p.add_argument("--share-class-counts", action=argparse.BooleanOptionalAction, default=True,
+                   help="fusion: clients send their class histogram, which weighs the head's targets")
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, cifar10, mnist-5k, digits, synthetic")
     p.add_argument("--data-root", default="", help="folder of the dataset's files (default: its offline location)")
     p.add_argument("--download", action="store_true", help="allow downloading the dataset (online only)")
@@ -68,7 +74,9 @@ def settings_from_args(args: argparse.Namespace):
         projection=default_projection(args.model, args.pretrained) if args.projection is None else args.projection,
         rounds=args.rounds, fraction=args.fraction, min_clients=args.min_clients,
         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, client_cpus=args.client_cpus,
+        weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, attribution=args.attribution,
+        attribution_samples=args.attribution_samples, share_class_counts=args.share_class_counts,
+        client_cpus=args.client_cpus,
         client_gpus=args.client_gpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
         ray_num_gpus=args.ray_num_gpus, out=args.out,
     )

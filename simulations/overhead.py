@@ -38,9 +38,9 @@ def plain_loop(settings: RunSettings) -> list[dict]:
         started = time.perf_counter()
         round_task = replace(task, server_round=server_round)
         updates = [local_update(round_task, pid, global_state) for pid in range(settings.federation.clients)]
-        weights = np.array([m["num-examples"] for _, m in updates], dtype=np.float64)
+        weights = np.array([u.metrics["num-examples"] for u in updates], dtype=np.float64)
         weights /= weights.sum()
-        global_state = {k: sum(w * s[k] for w, (s, _) in zip(weights, updates)).astype(v.dtype)
+        global_state = {k: sum(w * u.state[k] for w, u in zip(weights, updates)).astype(v.dtype)
                         for k, v in global_state.items()}
         models.load_exchanged_state(model, global_state)
         accuracy = training.evaluate(model, test)["accuracy"]

@@ -35,7 +35,13 @@ SUMMARY_COLUMNS = [
     ("MB down", lambda s, d: f"{s['bytes_down'] / 1e6:.2f}"),
     ("s/round", lambda s, d: f"{s['mean_round_s']:.2f}"),
     ("aggregate s", lambda s, d: f"{s['mean_aggregate_s']:.4f}"),
+    ("clients used", lambda s, d: _optional(s.get("mean_clients_used"), "{:.1f}")),
+    ("attribution s", lambda s, d: _optional(s.get("mean_attribution_s"), "{:.2f}")),
 ]
+
+
+def _optional(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 def _partition_label(summary: dict) -> str:

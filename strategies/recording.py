@@ -27,6 +27,7 @@ class RoundRecord:
     clients_failed: int = 0
     clients_rejected: int = 0
     clients: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # strategy-specific figures for metrics.jsonl
 
 
 def mean_train_loss(records, weighted_by_key: str) -> MetricRecord:
@@ -73,7 +74,7 @@ class RecordedRounds:
                 record.clients_failed += 1
                 log(WARNING, "round %d: client %d (node %d) failed: %s",
                     server_round, line["partition"], line["node"], msg.error.reason)
-            elif (problem := reply_problem(msg.content, self._expected)) is not None:
+            elif (problem := self.reply_problem(msg.content)) is not None:
                 line.update(status="rejected", reason=problem)
                 record.clients_rejected += 1
                 log(WARNING, "round %d: rejected update of client %d (node %d): %s",
@@ -88,12 +89,19 @@ class RecordedRounds:
         # Floating-point sums depend on order: aggregate in partition order, not arrival order.
         valid.sort(key=self._partition)
         started = time.perf_counter()
-        arrays, metrics = super().aggregate_train(server_round, valid) if valid else (None, None)
+        arrays, metrics = self.aggregate_valid(server_round, valid, record) if valid else (None, None)
         record.aggregate_s = time.perf_counter() - started
         if not valid:
             log(WARNING, "round %d: no valid update, keeping the previous global model", server_round)
         self.current = record
         return arrays, metrics
+
+    def reply_problem(self, content) -> str | None:
+        return reply_problem(content, self._expected)
+
+    def aggregate_valid(self, server_round: int, valid: list[Message], record: RoundRecord):
+        """Aggregate validated replies, in partition order: the Flower strategy's own rule."""
+        return super().aggregate_train(server_round, valid)
 
 
 def _client_fields(msg: Message) -> dict:
@@ -108,4 +116,7 @@ def _client_fields(msg: Message) -> dict:
         "pid": placement.get("pid", ""),
         "device": placement.get("device", ""),
         "gpu_ids": placement.get("gpu-ids", ""),
+        "train_start": float(metrics.get("train-start", 0.0)),
+        "train_end": float(metrics.get("train-end", 0.0)),
+        **({"attribution_s": float(metrics["attribution-s"])} if "attribution-s" in metrics else {}),
     }

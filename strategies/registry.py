@@ -27,9 +27,16 @@ def _flower_kwargs() -> dict:
     )
 
 
+def _neuron_fusion(template, proxy, attribution="gradxact", num_classes=None, seed=0, **_) -> RecordedRounds:
+    from strategies.neuron_fusion import NeuronFusion
+
+    return NeuronFusion(template, proxy, attribution, num_classes, seed, **_flower_kwargs())
+
+
 _REGISTRY: dict[str, Callable[..., RecordedRounds]] = {
     "fedavg": lambda proximal_mu=0.0, **_: RecordedFedAvg(**_flower_kwargs()),
     "fedprox": lambda proximal_mu=0.01, **_: RecordedFedProx(proximal_mu=proximal_mu, **_flower_kwargs()),
+    "fusion": _neuron_fusion,
 }
 
 

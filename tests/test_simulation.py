@@ -88,3 +88,81 @@ def test_projected_rounds_send_fewer_bytes_then_fold_into_full_finetuning(tmp_pa
     assert [c["round"] for c in clients] == [1] * 4 + [2] * 4  # round numbers continue across phases
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
     models.create("simple-cnn", 10).load_state_dict(saved["state_dict"])  # saved folded, as a plain model
+
+
+def _overlaps(intervals: list[tuple[float, float]]) -> int:
+    """Most intervals open at one instant."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda t: (t[0], t[1]))
+    most = current = 0
+    for _, step in events:
+        current += step
+        most = max(most, current)
+    return most
+
+
+def test_fusion_simulation_learns_and_shares_two_logical_gpus(tmp_path):
+    # Non-IID shards, several local epochs: the regime fusion is for. Ray declares two
+    # logical GPUs on this GPU-less machine; each client asks for half of one.
+    settings = _settings(tmp_path, strategy="fusion", federation=FederationSpec(
+        dataset="mnist-5k", partition="dirichlet", alpha=0.5, clients=4, proxy_size=256, seed=0),
+        local_epochs=3, lr=0.05, client_cpus=0.5, client_gpus=0.5, ray_num_gpus=2)
+    summary = simulate(settings, show_progress=False)
+    run = tmp_path / "run"
+
+    curve = summary["accuracy_curve"]
+    assert curve[0] < curve[1] < curve[2] and curve[2] > 0.7, curve
+    metrics = read_jsonl(run / "metrics.jsonl")
+    levels = len(models.levels(models.create("simple-cnn", 10)))
+    for m in metrics:
+        assert m["clients_used"] == 4 and m["fusion_s"] > 0 and m["levels_reverted"] < levels
+        assert len(m["fit_loss_after"]) == levels
+        assert all(a <= b for a, b in zip(m["fit_loss_after"], m["fit_loss_before"]))
+    clients = read_jsonl(run / "clients.jsonl")
+    assert all(c["attribution_s"] > 0 for c in clients)
+    by_gpu: dict[str, list] = {}
+    for c in clients:
+        by_gpu.setdefault(c["gpu_ids"], []).append((c["train_start"], c["train_end"]))
+    assert set(by_gpu) == {"0", "1"}, by_gpu.keys()
+    assert all(_overlaps(intervals) <= 2 for intervals in by_gpu.values())
+    assert summary["mean_clients_used"] == 4 and summary["mean_attribution_s"] > 0
+
+
+def test_simulation_joins_a_running_ray_cluster(tmp_path):
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    env_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    started = subprocess.run(
+        [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={env_dir}"],
+        capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        settings = _settings(tmp_path, ray_address=f"127.0.0.1:{port}", ray_num_cpus=0)
+        summary = simulate(settings, show_progress=False)
+        assert summary["rounds"] == 2 and summary["accuracy_curve"][-1] > summary["accuracy_curve"][0]
+        clients = read_jsonl(tmp_path / "run" / "clients.jsonl")
+        assert len(clients) == 8 and all(c["status"] == "ok" for c in clients)
+    finally:
+        _stop_ray_head(env_dir)
+        shutil.rmtree(env_dir, ignore_errors=True)
+
+
+def _stop_ray_head(temp_dir: str) -> None:
+    """Stop the processes of this head only (`ray stop` would stop every Ray on the machine)."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        p.kill()

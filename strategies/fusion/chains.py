@@ -130,16 +130,25 @@ def fit_stage(stage: Stage, x: torch.Tensor, target: torch.Tensor, ridge: float 
     if kind == "unsupported":
         return False
     work = _double_copy(conv)
+    # The stage now, in the solution's terms (norm folded in): the prior the fit shrinks to.
+    scale_now = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
+    offset_now = norm.bias.double() - scale_now * norm.running_mean.double()
+    if kind is not None and conv.bias is not None:  # trainable convs are solved without their bias
+        offset_now = offset_now + scale_now * conv.bias.double()
     if kind == "projected":
-        solution = ridge_solution(lambda a, b: _projected_conv_equations(work, a, b, bias=True), x, target, ridge, seed)
-        new, offset = solution[:, :-1, 0], solution[:, -1, 0]
         old = conv.gamma.double()
+        prior = torch.cat([scale_now[:, None] * old, offset_now[:, None]], 1)[..., None]
+        solution = ridge_solution(lambda a, b: _projected_conv_equations(work, a, b, bias=True), x, target, ridge,
+                                  seed, prior)
+        new, offset = solution[:, :-1, 0], solution[:, -1, 0]
     elif kind == "plain":
-        solution = ridge_solution(lambda a, b: _conv_equations(work, a, b, bias=True), x, target, ridge, seed)
-        new, offset = solution[:-1].T, solution[-1]  # (C, d), (C,)
         old = conv.weight.double().flatten(1)
+        prior = torch.cat([(scale_now[:, None] * old).T, offset_now[None]])
+        solution = ridge_solution(lambda a, b: _conv_equations(work, a, b, bias=True), x, target, ridge, seed, prior)
+        new, offset = solution[:-1].T, solution[-1]  # (C, d), (C,)
     else:
-        solution = ridge_solution(lambda a, b: _frozen_equations(work, a, b), x, target, ridge, seed)
+        prior = torch.stack([scale_now, offset_now], 1)[..., None]
+        solution = ridge_solution(lambda a, b: _frozen_equations(work, a, b), x, target, ridge, seed, prior)
         scale, offset = solution[:, 0, 0], solution[:, 1, 0]
     if kind is not None:
         # Keep each channel's kernel norm (the scale SGD sees); the norm takes the rest.
@@ -151,7 +160,7 @@ def fit_stage(stage: Stage, x: torch.Tensor, target: torch.Tensor, ridge: float 
         else:
             conv.weight.copy_((new * ratio[:, None]).reshape_as(conv.weight).to(conv.weight.dtype))
         scale = 1.0 / ratio
-    if conv.bias is not None:
+    if kind is not None and conv.bias is not None:  # its part is in the offset now
         conv.bias.zero_()
     # BatchNorm statistics of the new conv output on x, then weight and bias such that
     # norm(conv(x)) = scale * conv(x) + offset.

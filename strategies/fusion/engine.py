@@ -102,7 +102,8 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Tensor]] | None = None,
          width: int | None = None, *, class_weights: torch.Tensor | None = None, fit: str = "auto",
-         ridge: float | None = None, grad_steps: int = 100, max_dim: int = 4096, seed: int = 0):
+         ridge: float | None = None, grad_steps: int = 100, max_dim: int = 4096, restarts: bool = True,
+         seed: int = 0):
     """Fuse `models` (one architecture) into one model of the same architecture.
 
     For every level in order: run all models and the fused model on the proxy inputs,
@@ -115,6 +116,9 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
     `attributions[m][l]` scores level l's neurons of model m (uniform when None).
     `fit`: "auto" (closed form where possible), "closed" or "gradient"; `ridge`: a fixed
     ridge strength for closed-form fits, or None to choose it on held-out proxy samples.
+    `restarts`: also try k-means++ for free layers and keep it when clearly better (for
+    models of independent initialisations); in federated rounds, where every client
+    started from the same global model, neurons correspond and False keeps them so.
     Returns (fused_model, report) where report["levels"] lists per-level figures."""
     started = time.perf_counter()
     if width is not None:
@@ -157,7 +161,12 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
         if level.kind == "head":
             weights = torch.ones(len(models), current.shape[1]) if class_weights is None else class_weights.double()
             weights = weights / weights.sum(0, keepdim=True).clamp_min(1e-12)
-            targets = sum(w[None, :] * a.double() for w, a in zip(weights, client_acts)).float()
+            # Per-class weights apply to logits centred per sample (softmax ignores the shift):
+            # models' different logit offsets would otherwise favour classes. The models'
+            # mean offset is added back, so identical models give back their own logits.
+            offsets = [a.double().mean(1, keepdim=True) for a in client_acts]
+            targets = (sum(w[None, :] * (a.double() - o) for w, a, o in zip(weights, client_acts, offsets))
+                       + sum(offsets) / len(offsets)).float()
             matching_cost, moved, init = _mse(current, targets) / max(_mse(targets, 0 * targets), 1e-12), 0.0, "classes"
         else:
             scores = [torch.ones(level.width) for _ in models] if attributions is None \
@@ -170,7 +179,7 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
                     values = [conv_norm_chain(lv.module).outputs(p)[-1] for lv, p in zip(client_levels, probe_ins)]
                     fused_values = chain.outputs(fused_probe_in)[-1]
             matching = match_level(client_acts, scores, current, max_dim=max_dim, seed=seed + index,
-                                   fresh_start=_free_layer(level.probe), values=values, fused_values=fused_values)
+                                   fresh_start=restarts and _free_layer(level.probe), values=values, fused_values=fused_values)
             matched, matching_cost, moved, init = matching.targets, matching.cost, matching.moved, matching.init
             targets = matched if values is None else _apply_activation(chain, matched)
 

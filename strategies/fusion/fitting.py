@@ -13,12 +13,15 @@ from torch import nn
 from models import ProjectedConv2d, ProjectedLinear
 
 
-def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
-    """(G + lambda I)^-1 h, lambda scaled to G's mean diagonal; batched over leading dims."""
+def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin |Zw - y|^2 + lambda |w - prior|^2 = (G + lambda I)^-1 (h + lambda prior), lambda
+    scaled to G's mean diagonal; batched over leading dims."""
     d = gram.shape[-1]
-    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]
     eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + ridge * scale[..., None, None] * eye, rhs)
+    if prior is not None:
+        rhs = rhs + ridge * scale * prior
+    return torch.linalg.solve(gram + ridge * scale * eye, rhs)
 
 
 def _padded(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
@@ -42,6 +45,12 @@ def _linear_equations(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor):
 
 
 @torch.no_grad()
+def _read_linear(layer: nn.Linear) -> torch.Tensor:
+    parts = [layer.weight.T] + ([layer.bias[None]] if layer.bias is not None else [])
+    return torch.cat(parts).double()
+
+
+@torch.no_grad()
 def _write_linear(layer: nn.Linear, solution: torch.Tensor) -> None:
     layer.weight.copy_(solution[: layer.in_features].T)
     if layer.bias is not None:
@@ -62,6 +71,12 @@ def _projected_linear_equations(layer: ProjectedLinear, x: torch.Tensor, y: torc
         gram += torch.einsum("bci,bcj->cij", z, z)
         rhs += torch.einsum("bci,bc->ci", z, y[part])
     return gram, rhs[..., None]  # one system per output: (out, d, d), (out, d, 1)
+
+
+@torch.no_grad()
+def _read_per_output(layer: nn.Module) -> torch.Tensor:
+    parts = [layer.gamma] + ([layer.bias[:, None]] if layer.bias is not None else [])
+    return torch.cat(parts, 1).double()[..., None]
 
 
 @torch.no_grad()
@@ -90,6 +105,12 @@ def _conv_equations(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, bias: boo
         gram += z.T @ z
         rhs += z.T @ target
     return gram, rhs
+
+
+@torch.no_grad()
+def _read_conv(conv: nn.Conv2d) -> torch.Tensor:
+    parts = [conv.weight.flatten(1).T] + ([conv.bias[None]] if conv.bias is not None else [])
+    return torch.cat(parts).double()
 
 
 @torch.no_grad()
@@ -133,20 +154,22 @@ RIDGE_GRID = (1e-6, 1e-4, 1e-2, 1e-1, 1.0)
 
 def _solver_for(probe: nn.Module):
     if isinstance(probe, ProjectedConv2d):
-        return _projected_conv_equations, _write_per_output
+        return _projected_conv_equations, _write_per_output, _read_per_output
     if isinstance(probe, ProjectedLinear):
-        return _projected_linear_equations, _write_per_output
+        return _projected_linear_equations, _write_per_output, _read_per_output
     if isinstance(probe, nn.Linear):
-        return _linear_equations, _write_linear
+        return _linear_equations, _write_linear, _read_linear
     if isinstance(probe, nn.Conv2d) and probe.groups == 1:
-        return _conv_equations, _write_conv
+        return _conv_equations, _write_conv, _read_conv
     return None
 
 
 def ridge_solution(equations, x: torch.Tensor, y: torch.Tensor, ridge: float | None = None,
-                   seed: int = 0) -> torch.Tensor:
+                   seed: int = 0, prior: torch.Tensor | None = None) -> torch.Tensor:
     """Solve the ridge least squares whose normal equations `equations(x, y)` returns, in
-    float64. The ridge strength (relative to the normal matrix's mean diagonal) is chosen
+    float64, shrunk towards `prior` (the level's current parameters: in a federation the
+    fused model starts as the clients' average, and the fit should move it only as far
+    as the proxy data supports; towards zero when None). The ridge strength (relative to the normal matrix's mean diagonal) is chosen
     from RIDGE_GRID by the error on a held-out fifth of the samples, computed from that
     part's normal equations, then the fit is redone on all samples. With fewer samples
     than features, a tiny ridge would interpolate the proxy set."""
@@ -159,12 +182,12 @@ def ridge_solution(equations, x: torch.Tensor, y: torch.Tensor, ridge: float | N
         gram_h, rhs_h = equations(x[held], y[held])
 
         def held_error(lam: float) -> float:
-            w = _solve(gram_t, rhs_t, lam)
+            w = _solve(gram_t, rhs_t, lam, prior)
             return float((w * (gram_h @ w)).sum() - 2 * (w * rhs_h).sum())
 
-        return _solve(gram_t + gram_h, rhs_t + rhs_h, min(grid, key=held_error))
+        return _solve(gram_t + gram_h, rhs_t + rhs_h, min(grid, key=held_error), prior)
     gram, rhs = equations(x, y)
-    return _solve(gram, rhs, grid[0])
+    return _solve(gram, rhs, grid[0], prior)
 
 
 def closed_form_fit(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: float | None = None,
@@ -174,9 +197,9 @@ def closed_form_fit(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: f
     solver = _solver_for(probe)
     if solver is None:
         return False
-    equations, write = solver
+    equations, write, read = solver
     work = copy.deepcopy(probe).double()  # normal equations lose precision in float32
-    write(work, ridge_solution(lambda a, b: equations(work, a, b), x, y, ridge, seed))
+    write(work, ridge_solution(lambda a, b: equations(work, a, b), x, y, ridge, seed, prior=read(work)))
     with torch.no_grad():
         for name, param in probe.named_parameters():
             param.copy_(dict(work.named_parameters())[name].to(param.dtype))
