@@ -17,15 +17,30 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 import models
-from strategies.fusion import fuse
+from strategies.fusion import average_models, fuse
 from strategies.recording import RecordedRounds, RoundRecord
 from strategies.validation import reply_problem
+
+SELECTION_SHARE = 5  # one proxy sample in five checks the fused model against the average
+
+
+@torch.no_grad()
+def ensemble_agreement(client_models: list[nn.Module], model: nn.Module, x: torch.Tensor) -> float:
+    """Share of samples of x on which `model` predicts the class the clients' output
+    ensemble (mean softmax) predicts. Not a KL divergence: the ensemble of non-IID
+    clients is flat, and a KL would favour a flat, wrong model over a sharp, right one."""
+    ensemble = torch.stack([m.eval()(x).softmax(1) for m in client_models]).mean(0).argmax(1)
+    return float((model.eval()(x).argmax(1) == ensemble).double().mean())
 
 
 class NeuronFusion(RecordedRounds, FedAvg):
     """Each round: validate the replies (model, per-level attributions, class counts),
     load each client's model into the architecture of `template`, fuse them on `proxy`
     (a tensor of model inputs, no labels), and send the fused model out next round.
+
+    A fifth of the proxy set is kept out of the fit: on it the fused model must agree
+    with the clients' output ensemble at least as well as FedAvg's weighted average, or
+    the average is sent instead (the round's record says which).
 
     `attribution`: "uniform" (clients send no scores: plain neuron-centric fusion, the
     ablation) or the captum method the clients use. `num_classes`: when set, clients
@@ -41,6 +56,12 @@ class NeuronFusion(RecordedRounds, FedAvg):
         self.num_classes = num_classes
         self.level_widths = {level.name: level.width for level in models.levels(self.template)}
         self.seed = seed
+
+    def _proxy_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed, seeded fifth of the proxy set is kept out of the fit, for selection."""
+        order = torch.randperm(len(self.proxy), generator=torch.Generator().manual_seed(self.seed))
+        cut = len(self.proxy) // SELECTION_SHARE
+        return self.proxy[order[cut:]], self.proxy[order[:cut]]
 
     def reply_problem(self, content) -> str | None:
         return reply_problem(content, self._expected,
@@ -68,8 +89,19 @@ class NeuronFusion(RecordedRounds, FedAvg):
         class_weights = None if self.num_classes is None else torch.tensor(
             [content["class-counts"]["counts"] for content in contents], dtype=torch.float64)
         # Every client started from the global model: its neurons correspond, no k-means++ restarts.
-        fused, report = fuse(client_models, [self.proxy], attributions, class_weights=class_weights,
+        fit_part, check_part = self._proxy_split()
+        fused, report = fuse(client_models, [fit_part], attributions, class_weights=class_weights,
                              restarts=False, seed=self.seed + server_round)
+        # Server-side model selection on proxy samples the fit never saw: the fused model
+        # goes out unless FedAvg's average agrees better with the clients' output ensemble.
+        averaged = average_models(client_models, [c["metrics"]["num-examples"] for c in contents])
+        agreement = {name: ensemble_agreement(client_models, model, check_part)
+                     for name, model in (("fusion", fused), ("average", averaged))}
+        selected = "fusion" if agreement["fusion"] >= agreement["average"] else "average"
+        if selected == "average":
+            log(WARNING, "round %d: the weighted average agrees better with the clients' ensemble on held-out "
+                "proxy samples (%.3f vs %.3f for fusion): it becomes the global model",
+                server_round, agreement["average"], agreement["fusion"])
         levels = report["levels"]
         moved = [lv["moved"] for lv in levels if lv["kind"] != "head" and not math.isnan(lv["moved"])]
         record.extra.update(
@@ -78,6 +110,9 @@ class NeuronFusion(RecordedRounds, FedAvg):
             fit_loss_after=[lv["loss_after"] for lv in levels],
             assignment_moved=float(np.mean(moved)) if moved else float("nan"),
             levels_reverted=sum("reverted" in lv["fit"] for lv in levels),
+            agreement_fusion=agreement["fusion"],
+            agreement_average=agreement["average"],
+            selected=selected,
         )
-        state = models.exchanged_state(fused)
+        state = models.exchanged_state(fused if selected == "fusion" else averaged)
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()}), metrics

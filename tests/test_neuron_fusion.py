@@ -70,7 +70,9 @@ def _accuracy(template, arrays, test) -> float:
 def test_fusion_of_client_updates_beats_their_average(round_one):
     template, proxy, test, updates = round_one
     replies = [_message(p, u) for p, u in enumerate(updates)]
-    fused, _ = _strategy(template, proxy).aggregate_train(1, replies)
+    strategy = _strategy(template, proxy)
+    fused, _ = strategy.aggregate_train(1, replies)
+    assert strategy.current.extra["selected"] == "fusion"
     averaged, _ = _strategy(template, proxy, name="fedavg").aggregate_train(
         1, [_message(p, u, attributions=1, **{"class-counts": 1}) for p, u in enumerate(updates)])
     best_client = max(training.evaluate(_load(template, u.state), test)["accuracy"] for u in updates)
@@ -116,3 +118,27 @@ def test_uniform_fusion_takes_replies_without_attributions(round_one):
     assert strategy.current.clients_ok == 4 and strategy.current.extra["clients_used"] == 4
     assert len(strategy.current.extra["fit_loss_after"]) == len(models.levels(template))
     assert _accuracy(template, arrays, test) > 0.5
+
+
+def test_the_average_goes_out_when_it_agrees_better_with_the_clients(round_one, monkeypatch, caplog):
+    template, proxy, test, updates = round_one
+
+    def broken_fusion(client_models, *args, **kwargs):  # a fused model that predicts one class
+        model = copy.deepcopy(client_models[0])
+        with torch.no_grad():
+            model[-1].weight.zero_()
+            model[-1].bias.copy_(torch.arange(10.0))
+        level = {"kind": "head", "moved": 0.0, "loss_before": 1.0, "loss_after": 1.0, "fit": "closed"}
+        return model, {"levels": [level], "seconds": 0.1}
+
+    monkeypatch.setattr("strategies.neuron_fusion.fuse", broken_fusion)
+    strategy = _strategy(template, proxy)
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
+    extra = strategy.current.extra
+    assert extra["selected"] == "average" and extra["agreement_average"] > extra["agreement_fusion"]
+    assert any("agrees better" in r.message for r in caplog.records)
+    weights = np.array([u.metrics["num-examples"] for u in updates], dtype=np.float64)
+    for name, value in arrays.items():  # FedAvg's example-weighted mean
+        expected = sum(w * u.state[name] for w, u in zip(weights / weights.sum(), updates))
+        assert np.allclose(value.numpy(), expected, atol=1e-5)

@@ -56,12 +56,14 @@ def _check_models(models: list[nn.Module]) -> None:
                 raise FusionError(f"model {i} has non-finite values in {name}")
 
 
-def average_models(models: list[nn.Module]) -> nn.Module:
-    """Vanilla weight averaging: a copy of the first model holding the mean of all
-    models' floating-point tensors (integer buffers from the first)."""
+def average_models(models: list[nn.Module], weights: list[float] | None = None) -> nn.Module:
+    """Vanilla weight averaging: a copy of the first model holding the (weighted: FedAvg
+    weighs by examples) mean of all models' floating-point tensors (integer buffers from
+    the first)."""
     states = [m.state_dict() for m in models]
+    w = [1.0] * len(models) if weights is None else [float(x) for x in weights]
     averaged = copy.deepcopy(models[0])
-    averaged.load_state_dict({k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype)
+    averaged.load_state_dict({k: (sum(wi * s[k].double() for wi, s in zip(w, states)) / sum(w)).to(v.dtype)
                               if v.is_floating_point() else v.clone() for k, v in states[0].items()})
     return averaged
 

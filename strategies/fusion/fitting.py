@@ -149,7 +149,7 @@ def _projected_conv_equations(conv: ProjectedConv2d, x: torch.Tensor, y: torch.T
     return gram, rhs[..., None]
 
 
-RIDGE_GRID = (1e-6, 1e-4, 1e-2, 1e-1, 1.0)
+RIDGE_GRID = (1e-2, 1e-1, 1.0, 10.0)
 
 
 def _solver_for(probe: nn.Module):
