@@ -16,7 +16,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 DEMO_ARGS := --dataset fashion-mnist --partition dirichlet --alpha 0.5 --clients 10 \
              --rounds 5 --local-epochs 1 --model simple-cnn --no-projection --seed 0 --quiet
 
-.PHONY: setup demo test test-slow bench bench-overhead bench-projection clean
+.PHONY: setup demo test test-slow bench bench-overhead bench-projection bench-fusion clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -32,8 +32,8 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/fedfuse run --strategy fedavg $(DEMO_ARGS) --out runs/demo/fedavg
-	$(BIN)/fedfuse run --strategy fedprox $(DEMO_ARGS) --out runs/demo/fedprox
-	$(BIN)/fedfuse compare runs/demo/fedavg runs/demo/fedprox
+	$(BIN)/fedfuse run --strategy fusion $(DEMO_ARGS) --out runs/demo/fusion
+	$(BIN)/fedfuse compare runs/demo/fedavg runs/demo/fusion
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q
@@ -41,13 +41,21 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
 
-bench: bench-overhead bench-projection
+bench: bench-overhead bench-projection bench-fusion
 
 bench-overhead: setup
 	$(BIN)/fedfuse bench-overhead --clients 10 --rounds 3 --out runs/bench-overhead
 
 bench-projection: setup
 	$(BIN)/fedfuse bench-projection --resolution 64 --batch-size 32 --repeats 15
+
+# Fusion: zero-shot against averaging and the ensemble (2 and 4 models), cost by number
+# of models, and a 10-round federation against FedAvg at Dirichlet 0.1.
+bench-fusion: setup
+	$(BIN)/fedfuse bench-fusion --models 2
+	$(BIN)/fedfuse bench-fusion --models 4
+	$(BIN)/fedfuse bench-fusion-cost
+	$(BIN)/fedfuse bench-fusion-round --alpha 0.1 --clients 10 --rounds 10 --out runs/bench-fusion-round
 
 clean:
 	rm -rf runs .pytest_cache

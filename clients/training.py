@@ -60,3 +60,14 @@ def evaluate(model: nn.Module, loader, device: str | torch.device = "cpu") -> di
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
     return {"loss": loss / max(seen, 1), "accuracy": correct / max(seen, 1), "num_examples": seen}
+
+
+@torch.no_grad()
+def ensemble_accuracy(models: list[nn.Module], loader) -> float:
+    """Accuracy of the output ensemble: the class with the highest mean softmax."""
+    correct = seen = 0
+    for inputs, labels in loader:
+        probs = sum(m.eval()(inputs).softmax(1) for m in models)
+        correct += (probs.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    return correct / max(seen, 1)

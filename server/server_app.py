@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from functools import partial
 from logging import INFO
@@ -23,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 import models
 import strategies
-from clients.training import evaluate
+from clients.training import ensemble_accuracy, evaluate
 from data import BatchLoader, build_federation, label_skew
 from server.progress import ProgressGrid, RunProgress
 from server.results import RunDirectory, read_jsonl
@@ -69,6 +70,18 @@ def map_nodes_to_partitions(grid: Grid, expected_clients: int, timeout: float = 
     if partitions != list(range(expected_clients)):
         raise SettingsError(f"nodes hold partitions {partitions[:5]}...; expected 0..{expected_clients - 1}")
     return mapping
+
+
+def _ensemble_accuracy(template, updates: list[ArrayRecord], test_loader) -> float | None:
+    """Test accuracy of the output ensemble of the last round's valid client models."""
+    if not updates:
+        return None
+    client_models = []
+    for arrays in updates:
+        client_model = copy.deepcopy(template)
+        models.load_exchanged_state(client_model, {k: v.numpy() for k, v in arrays.items()})
+        client_models.append(client_model)
+    return ensemble_accuracy(client_models, test_loader)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -162,6 +175,7 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         )
         models.load_exchanged_state(model, {k: v.numpy() for k, v in result.arrays.items()})
         done += num_rounds
+    ensemble = _ensemble_accuracy(model, strategy.last_updates, test_loader)
 
     rounds = [r for r in history if r["round"] > 0]
     client_lines = read_jsonl(out.path / "clients.jsonl") if (out.path / "clients.jsonl").exists() else []
@@ -191,6 +205,7 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         "mean_clients_used": _mean([r.get("clients_used", r["clients_ok"]) for r in rounds]),
         "mean_attribution_s": _mean(attribution_seconds),
         "label_skew": label_skew(histogram),
+        "ensemble_accuracy": ensemble,
         "wall_s": time.perf_counter() - started,
     }
     # The saved model is plain (folded): it loads into models.create(name, classes).

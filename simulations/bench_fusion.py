@@ -28,16 +28,6 @@ def class_split_shards(labels: np.ndarray, num_models: int, num_classes: int) ->
     return [np.flatnonzero(np.isin(labels, g)) for g in groups]
 
 
-@torch.no_grad()
-def ensemble_accuracy(model_list, loader) -> float:
-    correct = seen = 0
-    for x, y in loader:
-        probs = sum(m.eval()(x).softmax(1) for m in model_list)
-        correct += (probs.argmax(1) == y).sum().item()
-        seen += len(y)
-    return correct / seen
-
-
 def run_setting(args, shared_init: bool, split: str) -> dict:
     ds = data.load(args.dataset)
     task = TrainTask(federation=data.FederationSpec(seed=args.seed), model=args.model, projection=args.projection,
@@ -68,7 +58,7 @@ def run_setting(args, shared_init: bool, split: str) -> dict:
 
     row = {f"model {i}": training.evaluate(m, test)["accuracy"] for i, m in enumerate(trained)}
     row["average"] = training.evaluate(average_models(trained), test)["accuracy"]
-    row["ensemble"] = ensemble_accuracy(trained, test)
+    row["ensemble"] = training.ensemble_accuracy(trained, test)
     started = time.perf_counter()
     fused_uniform, _ = fuse(trained, proxy, seed=args.seed)
     row["fusion s"] = time.perf_counter() - started

@@ -133,11 +133,13 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 # Benchmarks: each module's main(args), imported only when its command runs.
 BENCHMARKS = {
+    "bench": "simulations.bench",
     "bench-overhead": "simulations.overhead",
     "bench-projection": "simulations.bench_projection",
     "bench-finetune": "simulations.bench_finetune",
     "bench-fusion": "simulations.bench_fusion",
     "bench-fusion-cost": "simulations.bench_fusion_cost",
+    "bench-fusion-round": "simulations.bench_fusion_round",
 }
 
 
@@ -145,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfuse", description="Federated simulations on Flower: fusion vs FedAvg.")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    grid = sub.add_parser("bench", help="a grid of runs from a TOML file: results.csv, report.md, plots")
+    grid.add_argument("config", help="grid file, e.g. simulations/configs/smoke.toml")
+    grid.add_argument("--out", default="runs/bench", help="grid directory; finished runs in it are kept")
+    grid.add_argument("--limit", type=int, default=None, help="run at most this many new runs, then report")
+    grid.add_argument("--quiet", action="store_true", help="no progress bar")
     compare = sub.add_parser("compare", help="tables of finished runs side by side")
     compare.add_argument("runs", nargs="+", help="run directories")
     overhead = sub.add_parser("bench-overhead", help="Flower+Ray round time against a plain training loop")
@@ -193,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--counts", default="2,4,8,16")
     cost.add_argument("--proxy-size", type=int, default=512)
     cost.add_argument("--threads", type=int, default=1)
+    per_round = sub.add_parser("bench-fusion-round", help="fusion vs FedAvg in a federation: accuracy and fusion time per round")
+    per_round.add_argument("--model", default="simple-cnn")
+    per_round.add_argument("--resolution", type=int, default=0)
+    per_round.add_argument("--dataset", default="fashion-mnist")
+    per_round.add_argument("--alpha", type=float, default=0.1)
+    per_round.add_argument("--clients", type=int, default=10)
+    per_round.add_argument("--rounds", type=int, default=10)
+    per_round.add_argument("--local-epochs", type=int, default=1)
+    per_round.add_argument("--lr", type=float, default=0.01)
+    per_round.add_argument("--attribution", default="gradxact")
+    per_round.add_argument("--proxy-size", type=int, default=1000)
+    per_round.add_argument("--seed", type=int, default=0)
+    per_round.add_argument("--out", default="runs/bench-fusion-round")
+    per_round.add_argument("--force", action="store_true", help="rerun federations that finished earlier")
     fuse = sub.add_parser("fuse", help="one-shot fusion of trained checkpoints (model.pt files)")
     fuse.add_argument("checkpoints", nargs="+", help="model.pt files of one architecture")
     fuse.add_argument("--out", required=True, help="where to write the fused model.pt")
@@ -206,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in BENCHMARKS:
-        return importlib.import_module(BENCHMARKS[args.command]).main(args)
+        module = importlib.import_module(BENCHMARKS[args.command])
+        try:
+            return module.main(args)
+        except (ValueError, FileNotFoundError) as err:  # bad settings, found before any run starts
+            return _fail(str(err))
     handler = {"run": cmd_run, "compare": cmd_compare, "fuse": cmd_fuse}[args.command]
     return handler(args)
 

@@ -41,7 +41,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict, torch.nn.Module]:
 
 
 def main(args) -> int:
-    from simulations.bench_fusion import ensemble_accuracy
+    from clients.training import ensemble_accuracy
     from strategies.fusion import average_models, fuse
 
     loaded = [load_checkpoint(p) for p in args.checkpoints]

@@ -46,6 +46,9 @@ class RecordedRounds:
     # Rounds already run by an earlier phase of the same run (projected, then full
     # fine-tuning): Flower counts from 1 in each start(), clients and records do not.
     round_offset: int = 0
+    # The valid client models of the latest round (their ArrayRecords): the output
+    # ensemble of the last round is a reference in benchmark reports.
+    last_updates: list[ArrayRecord] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         server_round += self.round_offset
@@ -88,6 +91,8 @@ class RecordedRounds:
         record.clients.sort(key=lambda c: c["partition"])
         # Floating-point sums depend on order: aggregate in partition order, not arrival order.
         valid.sort(key=self._partition)
+        if valid:
+            self.last_updates = [msg.content["arrays"] for msg in valid]
         started = time.perf_counter()
         arrays, metrics = self.aggregate_valid(server_round, valid, record) if valid else (None, None)
         record.aggregate_s = time.perf_counter() - started

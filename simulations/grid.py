@@ -1,0 +1,165 @@
+"""A benchmark grid from a TOML file: strategies x partitions x local epochs x models x
+seeds, every run on the same partition for the same seed, plus the centralised
+reference per (model, local epochs, seed).
+
+    strategies = ["fedavg", "fedprox", "fusion", "fusion-uniform"]
+    seeds = [0, 1, 2]
+    local_epochs = [1, 5]
+    target_accuracy = 0.75           # for "rounds / bytes to reach"
+    [base]                           # run settings shared by every run (`fedfuse run` flag names)
+    dataset = "fashion-mnist"
+    clients = 10
+    rounds = 10
+    [[partitions]]
+    partition = "dirichlet"
+    alpha = 0.1
+    [[models]]
+    model = "simple-cnn"
+
+Every field is checked, and every run's settings validated, before the first run starts."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from data import FederationSpec
+from server.settings import RunSettings, SettingsError, default_projection
+
+# Strategy labels of a grid: a Flower strategy plus the settings that make the variant.
+STRATEGY_VARIANTS = {
+    "fedavg": {"strategy": "fedavg"},
+    "fedprox": {"strategy": "fedprox"},
+    "fusion": {"strategy": "fusion"},
+    "fusion-uniform": {"strategy": "fusion", "attribution": "uniform"},
+}
+CENTRALISED = "centralised"
+_GRID_KEYS = {"strategies", "seeds", "local_epochs", "target_accuracy", "base", "partitions", "models"}
+_PER_RUN_KEYS = {"strategy", "seed", "local_epochs", "out"}  # set by the grid itself
+
+
+@dataclass(frozen=True)
+class GridRun:
+    run_id: str  # also the run's folder name under DIR/runs
+    setting: str  # what a report groups seeds by: model, split, local epochs
+    strategy: str  # a STRATEGY_VARIANTS label, or "centralised"
+    seed: int
+    settings: RunSettings
+
+
+@dataclass(frozen=True)
+class Grid:
+    runs: list[GridRun]
+    target_accuracy: float
+    source: str
+
+
+def _settings_fields() -> dict[str, type]:
+    names = {f.name: type(f.default) for f in fields(RunSettings) if f.name != "federation"}
+    names.update({f.name: type(f.default) for f in fields(FederationSpec)})
+    return names
+
+
+def _normalise(table: dict, where: str) -> dict:
+    """kebab- or snake-case keys of run settings -> snake-case, type-checked."""
+    known = _settings_fields()
+    values = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in known or name in _PER_RUN_KEYS:
+            hint = " (set by the grid: use the top-level lists)" if name in _PER_RUN_KEYS else ""
+            raise SettingsError(f"{where}: unknown setting '{key}'{hint}")
+        expected = known[name]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise SettingsError(f"{where}: '{key}' must be {expected.__name__}, got {value!r}")
+        values[name] = value
+    return values
+
+
+def _settings(values: dict) -> RunSettings:
+    federation = FederationSpec(**{k: v for k, v in values.items() if k in FederationSpec.__dataclass_fields__})
+    rest = {k: v for k, v in values.items() if k not in FederationSpec.__dataclass_fields__}
+    if "projection" not in rest:
+        rest["projection"] = default_projection(rest.get("model", RunSettings.model), rest.get("pretrained", True))
+    return RunSettings(federation=federation, **rest)
+
+
+def split_label(spec: FederationSpec) -> str:
+    if spec.partition == "dirichlet":
+        return f"dir{spec.alpha:g}"
+    if spec.partition == "pathological":
+        return f"C{spec.classes_per_client}"
+    return spec.partition
+
+
+def _list(config: dict, key: str, kind: type, default=None) -> list:
+    value = config.get(key, default)
+    if not isinstance(value, list) or not value or not all(isinstance(v, kind) and not isinstance(v, bool)
+                                                            for v in value):
+        raise SettingsError(f"'{key}' must be a non-empty list of {kind.__name__}, got {value!r}")
+    return value
+
+
+def load_grid(path: str | Path, out_dir: str | Path) -> Grid:
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"no grid file {path}: give a TOML file such as simulations/configs/smoke.toml")
+    try:
+        config = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise SettingsError(f"{path} is not valid TOML: {err}") from None
+    unknown = set(config) - _GRID_KEYS
+    if unknown:
+        raise SettingsError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(_GRID_KEYS)}")
+    strategies = _list(config, "strategies", str)
+    for name in strategies:
+        if name not in STRATEGY_VARIANTS:
+            raise SettingsError(f"{path}: unknown strategy '{name}': choose from {', '.join(STRATEGY_VARIANTS)}")
+    seeds = _list(config, "seeds", int, [0])
+    epochs = _list(config, "local_epochs", int, [1])
+    target = config.get("target_accuracy", 0.7)
+    if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target <= 1:
+        raise SettingsError(f"{path}: target_accuracy must be a fraction in (0, 1], got {target!r}")
+    if not isinstance(config.get("base", {}), dict):
+        raise SettingsError(f"{path}: [base] must be a table of run settings")
+    base = _normalise(config.get("base", {}), f"{path} [base]")
+    partitions = config.get("partitions", [{"partition": "dirichlet", "alpha": 0.5}])
+    model_list = config.get("models", [{"model": "simple-cnn"}])
+    for key, tables in (("partitions", partitions), ("models", model_list)):
+        if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+            raise SettingsError(f"{path}: [[{key}]] must be one or more tables")
+
+    out_dir = Path(out_dir) / "runs"
+    runs: list[GridRun] = []
+    for m, model_table in enumerate(model_list):
+        model_values = _normalise(model_table, f"{path} [[models]] #{m + 1}")
+        for e in epochs:
+            for seed in seeds:
+                values = {**base, **model_values, "local_epochs": e, "seed": seed}
+                label = f"{values.get('model', RunSettings.model).replace(':', '_')}-e{e}"
+                run_id = f"{label}-{CENTRALISED}-s{seed}"
+                settings = _settings({**values, "out": str(out_dir / run_id)})
+                runs.append(GridRun(run_id, f"{label}-union", CENTRALISED, seed, settings))
+            for p, partition_table in enumerate(partitions):
+                part_values = _normalise(partition_table, f"{path} [[partitions]] #{p + 1}")
+                for strategy in strategies:
+                    for seed in seeds:
+                        values = {**base, **model_values, **part_values, **STRATEGY_VARIANTS[strategy],
+                                  "local_epochs": e, "seed": seed}
+                        probe = _settings(values)
+                        setting = f"{label}-{split_label(probe.federation)}"
+                        run_id = f"{setting}-{strategy}-s{seed}"
+                        runs.append(GridRun(run_id, setting, strategy, seed,
+                                            _settings({**values, "out": str(out_dir / run_id)})))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise SettingsError(f"{path}: two grid entries give the same run (same model, split, epochs, strategy, seed)")
+    for run in runs:
+        try:
+            run.settings.validate()
+        except (ValueError, FileNotFoundError) as err:
+            raise SettingsError(f"{path}: run {run.run_id}: {err}") from None
+    return Grid(runs, float(target), str(path))

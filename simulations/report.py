@@ -1,0 +1,168 @@
+"""Outputs of a benchmark grid, read back from its run directories: results.csv (one row
+per run and round), report.md (final accuracy as mean and std over seeds, rounds and
+bytes to reach the target accuracy, seconds per round, the references) and plots."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from server.results import read_jsonl
+from simulations.grid import CENTRALISED, Grid, split_label
+
+CSV_COLUMNS = ["run", "setting", "strategy", "seed", "model", "split", "local_epochs", "round", "accuracy",
+               "loss", "bytes_up", "bytes_down", "bytes_total", "round_s", "aggregate_s", "selected"]
+
+
+def collect_rows(grid: Grid) -> list[dict]:
+    """results.csv's rows of every finished run: round 0 (the initial model) first."""
+    rows = []
+    for run in grid.runs:
+        run_dir = Path(run.settings.out)
+        if not (run_dir / "summary.json").exists():
+            continue
+        summary = json.loads((run_dir / "summary.json").read_text())
+        common = {"run": run.run_id, "setting": run.setting, "strategy": run.strategy, "seed": run.seed,
+                  "model": run.settings.model, "local_epochs": run.settings.local_epochs,
+                  "split": "union" if run.strategy == CENTRALISED else split_label(run.settings.federation)}
+        rows.append({**common, "round": 0, "accuracy": summary["initial_accuracy"], "loss": "", "bytes_up": 0,
+                     "bytes_down": 0, "bytes_total": 0, "round_s": "", "aggregate_s": "", "selected": ""})
+        total = 0
+        for m in read_jsonl(run_dir / "metrics.jsonl"):
+            total += m["bytes_up"] + m["bytes_down"]
+            rows.append({**common, "round": m["round"], "accuracy": m["accuracy"], "loss": m["loss"],
+                         "bytes_up": m["bytes_up"], "bytes_down": m["bytes_down"], "bytes_total": total,
+                         "round_s": m["round_s"], "aggregate_s": m["aggregate_s"], "selected": m.get("selected", "")})
+    return rows
+
+
+def _curves(rows: list[dict]) -> dict[tuple[str, str], dict[int, list[dict]]]:
+    """(setting, strategy) -> seed -> that run's rows in round order."""
+    curves: dict = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        curves[(row["setting"], row["strategy"])][row["seed"]].append(row)
+    return curves
+
+
+def _reach(run_rows: list[dict], target: float) -> tuple[int | None, int | None]:
+    """First round (and bytes so far) at which the run's accuracy reached the target."""
+    for row in run_rows:
+        if row["round"] > 0 and row["accuracy"] >= target:
+            return row["round"], row["bytes_total"]
+    return None, None
+
+
+def summarise(rows: list[dict], target: float, ensembles: dict[str, float | None]) -> list[dict]:
+    """One line per (setting, strategy): the report's main table."""
+    lines = []
+    for (setting, strategy), by_seed in sorted(_curves(rows).items()):
+        finals = [runs[-1]["accuracy"] for runs in by_seed.values()]
+        reached = [_reach(runs, target) for runs in by_seed.values()]
+        rounds_hit = [r for r, _ in reached if r is not None]
+        bytes_hit = [b for _, b in reached if b is not None]
+        seconds = [row["round_s"] for runs in by_seed.values() for row in runs if row["round"] > 0]
+        ens = [ensembles.get(runs[0]["run"]) for runs in by_seed.values()]
+        ens = [e for e in ens if e is not None]
+        lines.append({
+            "setting": setting, "strategy": strategy, "seeds": len(finals),
+            "final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
+            "reached": len(rounds_hit),
+            "rounds_to_target": float(np.mean(rounds_hit)) if rounds_hit else None,
+            "mb_to_target": float(np.mean(bytes_hit)) / 1e6 if bytes_hit else None,
+            "s_per_round": float(np.mean(seconds)) if seconds else None,
+            "ensemble_mean": float(np.mean(ens)) if ens else None,
+        })
+    return lines
+
+
+def _fmt(value, spec: str = "{:.4f}") -> str:
+    return "-" if value is None else spec.format(value)
+
+
+def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[dict]) -> None:
+    target = grid.target_accuracy
+    text = [
+        "# fedfuse benchmark report", "",
+        f"Grid `{grid.source}`, written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on "
+        f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), "
+        f"command `fedfuse bench {grid.source} --out {out_dir}`.", "",
+        f"Final test accuracy after the last round: mean ± std over seeds. Rounds and MB (up + down, all "
+        f"clients) to reach {target:.0%} test accuracy: mean over the seeds that reached it (reached: how many). "
+        "Ensemble: the output ensemble of the last round's client models (an upper bound for fusion). "
+        "Centralised: one model trained on the union of the shards with the same budget "
+        "(rounds x local epochs passes).", "",
+        "| setting | strategy | seeds | final accuracy | reached | rounds to target | MB to target | s / round "
+        "| ensemble |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for line in lines:
+        text.append(
+            f"| {line['setting']} | {line['strategy']} | {line['seeds']} | {line['final_mean']:.4f} ± "
+            f"{line['final_std']:.4f} | {line['reached']}/{line['seeds']} | {_fmt(line['rounds_to_target'], '{:.1f}')} "
+            f"| {_fmt(line['mb_to_target'], '{:.1f}')} | {_fmt(line['s_per_round'], '{:.1f}')} "
+            f"| {_fmt(line['ensemble_mean'])} |")
+    text += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in sorted(out_dir.glob("*.png"))), ""]
+    if failures:
+        text += ["## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in failures] + [""]
+    (out_dir / "report.md").write_text("\n".join(text))
+
+
+def write_plots(rows: list[dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = _curves(rows)
+    for setting in sorted({s for s, _ in curves if not s.endswith("-union")}):
+        union = next((key for key in curves if key[1] == CENTRALISED and setting.startswith(key[0][:-len("union")])),
+                     None)
+        fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4))
+        for (s, strategy), by_seed in sorted(curves.items()):
+            if s != setting:
+                continue
+            rounds = min(len(r) for r in by_seed.values())
+            acc = np.array([[row["accuracy"] for row in runs[:rounds]] for runs in by_seed.values()])
+            mb = np.array([[row["bytes_total"] / 1e6 for row in runs[:rounds]] for runs in by_seed.values()]).mean(0)
+            x = np.arange(rounds)
+            by_round.plot(x, acc.mean(0), label=strategy)
+            by_round.fill_between(x, acc.min(0), acc.max(0), alpha=0.2)
+            by_bytes.plot(mb, acc.mean(0), marker=".", label=strategy)
+        if union is not None:
+            finals = [runs[-1]["accuracy"] for runs in curves[union].values()]
+            by_round.axhline(float(np.mean(finals)), color="grey", linestyle="--", label="centralised")
+        by_round.set(xlabel="round", ylabel="test accuracy", title=f"{setting}: band = min..max over seeds")
+        by_bytes.set(xlabel="MB communicated (up + down)", ylabel="test accuracy", title=f"{setting}: accuracy vs bytes")
+        by_round.legend(fontsize=8)
+        by_bytes.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{setting}.png", dpi=100)
+        plt.close(fig)
+
+
+def write_outputs(grid: Grid, out_dir: Path) -> list[dict]:
+    rows = collect_rows(grid)
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    ensembles = {}
+    for run in grid.runs:
+        summary_path = Path(run.settings.out) / "summary.json"
+        if summary_path.exists():
+            ensembles[run.run_id] = json.loads(summary_path.read_text()).get("ensemble_accuracy")
+    failures = read_jsonl(out_dir / "failures.jsonl") if (out_dir / "failures.jsonl").exists() else []
+    finished = {r["run"] for r in rows}
+    failures = [f for f in failures if f["run"] not in finished]  # a later retry succeeded
+    lines = summarise(rows, grid.target_accuracy, ensembles)
+    if rows:
+        write_plots(rows, out_dir)
+    write_report(grid, out_dir, lines, failures)
+    return lines

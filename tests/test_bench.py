@@ -1,0 +1,96 @@
+"""The benchmark grid: config checks, outputs, resume, failures."""
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+
+from server.settings import SettingsError
+from simulations import bench
+from simulations.grid import load_grid
+
+SMOKE = Path(__file__).parent.parent / "simulations" / "configs" / "smoke.toml"
+
+
+def _grid_file(tmp_path, text: str) -> Path:
+    path = tmp_path / "grid.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ('strategies = ["fedavg"]\nrounds = 3\n', "unknown key"),
+    ('strategies = ["fedsgd"]\n', "unknown strategy 'fedsgd'"),
+    ('strategies = ["fedavg"]\n[base]\nrouns = 3\n', "unknown setting 'rouns'"),
+    ('strategies = ["fedavg"]\n[base]\nrounds = "ten"\n', "'rounds' must be int"),
+    ('strategies = ["fedavg"]\n[[partitions]]\npartition = "dirichlet"\nalpha = 0.0\n', "--alpha must be > 0"),
+    ('strategies = ["fedavg"]\nseeds = []\n', "'seeds' must be a non-empty list"),
+    ('strategies = ["fedavg"]\n[base]\nseed = 1\n', "set by the grid"),
+    ('strategies = ["fedavg"\n', "not valid TOML"),
+])
+def test_bad_grid_files_are_refused_before_any_run(tmp_path, text, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        load_grid(_grid_file(tmp_path, text), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_grid_expands_strategies_splits_epochs_models_and_seeds(tmp_path):
+    grid = load_grid(Path(__file__).parent.parent / "simulations" / "configs" / "fmnist-noniid.toml", tmp_path)
+    federated = [r for r in grid.runs if r.strategy != "centralised"]
+    assert len(federated) == 4 * 3 * 2 * 2 * 3 and len(grid.runs) - len(federated) == 2 * 2 * 3
+    uniform = [r for r in federated if r.strategy == "fusion-uniform"]
+    assert all(r.settings.strategy == "fusion" and r.settings.attribution == "uniform" for r in uniform)
+    effnet = [r for r in grid.runs if r.settings.model == "efficientnet-lite0"]
+    assert all(r.settings.projection and r.settings.resolution == 32 for r in effnet)
+    # Same seed, same split: every strategy runs on the same partition.
+    same = [r.settings.federation for r in federated if r.setting == "simple-cnn-e1-dir0.1" and r.seed == 1]
+    assert len(same) == 4 and len(set(same)) == 1
+
+
+def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+    calls = []
+
+    def failing(run):
+        calls.append(run.run_id)
+        raise RuntimeError("client crashed")
+
+    monkeypatch.setattr(bench, "_run_one", failing)
+    counts = bench.run_grid(str(SMOKE), str(tmp_path), quiet=True)
+    assert counts == {"done": 0, "kept": 0, "failed": 3} and len(calls) == 3
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("RuntimeError: client crashed") == 3
+
+
+def _report_finals(report: str) -> dict[tuple[str, str], float]:
+    finals = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and "±" in cells[3]:
+            finals[(cells[0], cells[1])] = float(cells[3].split("±")[0])
+    return finals
+
+
+def test_smoke_grid_writes_every_output_and_resumes_without_redoing_runs(tmp_path):
+    first = bench.run_grid(str(SMOKE), str(tmp_path), limit=1, quiet=True)  # "interrupted" after one run
+    assert first == {"done": 1, "kept": 0, "failed": 0}
+    done = [p for p in (tmp_path / "runs").iterdir() if (p / "summary.json").exists()]
+    assert len(done) == 1
+    stamp = (done[0] / "summary.json").stat().st_mtime_ns
+
+    second = bench.run_grid(str(SMOKE), str(tmp_path), quiet=True)
+    assert second == {"done": 2, "kept": 1, "failed": 0}
+    assert (done[0] / "summary.json").stat().st_mtime_ns == stamp  # not redone
+
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == 3 * 3  # 3 runs (fedavg, fusion, centralised) x rounds 0..2
+    assert {r["strategy"] for r in rows} == {"fedavg", "fusion", "centralised"}
+    assert [r["round"] for r in rows if r["strategy"] == "fusion"] == ["0", "1", "2"]
+    assert (tmp_path / "simple-cnn-e2-dir0.5.png").stat().st_size > 10_000
+
+    finals = _report_finals((tmp_path / "report.md").read_text())
+    last = {(r["setting"], r["strategy"]): float(r["accuracy"]) for r in rows if r["round"] == "2"}
+    assert finals.keys() == last.keys()
+    for key, value in last.items():  # one seed: the mean is the run's last accuracy
+        assert finals[key] == pytest.approx(value, abs=1e-4)
+    assert all(value > 0.6 for value in last.values())
