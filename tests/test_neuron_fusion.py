@@ -98,7 +98,7 @@ def test_bad_fusion_replies_are_rejected_and_the_round_uses_the_others(round_one
     replies = [_message(0, updates[0]), _message(1, short), _message(2, updates[2], attributions=1),
                _message(3, negative)]
     strategy = _strategy(template, proxy)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="flwr"):  # simulate() quiets flwr to ERROR
         arrays, _ = strategy.aggregate_train(1, replies)
     record = strategy.current
     assert record.clients_rejected == 3 and record.clients_ok == 1
@@ -133,7 +133,7 @@ def test_the_average_goes_out_when_it_agrees_better_with_the_clients(round_one, 
 
     monkeypatch.setattr("strategies.neuron_fusion.fuse", broken_fusion)
     strategy = _strategy(template, proxy)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="flwr"):  # simulate() quiets flwr to ERROR
         arrays, _ = strategy.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
     extra = strategy.current.extra
     assert extra["selected"] == "average" and extra["agreement_average"] > extra["agreement_fusion"]
