@@ -14,7 +14,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from clients import runtime
+from clients import faults, runtime
 from clients.local_update import local_update
 from clients.task import TrainTask
 
@@ -41,12 +41,21 @@ def train(msg: Message, context: Context) -> Message:
     task = TrainTask.from_config(msg.content["config"])
     runtime.configure_threads(task.client_cpus)
     global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    update = local_update(task, partition_id(context), global_state)
+    pid = partition_id(context)
+    seed = task.federation.seed
+    faults.maybe_fail(task.client_failure_rate, seed, task.server_round, pid)
+    update = local_update(task, pid, global_state)
+    injected = ""
+    if task.poison_clients and pid in faults.poisoned_partitions(task.poison_clients, task.federation.clients, seed):
+        update.state = faults.poison_state(update.state, task.poison)
+        injected = f"poison:{task.poison}"
     content = RecordDict({
         "arrays": _arrays(update.state),
         "metrics": MetricRecord(update.metrics),
         "placement": ConfigRecord(runtime.placement()),
     })
+    if injected:  # recorded by the server in clients.jsonl
+        content["faults"] = ConfigRecord({"injected": injected})
     # Fusion's extra records: neuron scores per level, and the class histogram if shared.
     if update.attributions is not None:
         content["attributions"] = _arrays(update.attributions)

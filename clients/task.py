@@ -33,6 +33,11 @@ class TrainTask:
     attribution: str = ""
     attribution_samples: int = 256
     share_class_counts: bool = False
+    # Fault injection (simulation features, seeded): fail with this probability; the
+    # poisoned partitions send a broken update of the given kind.
+    client_failure_rate: float = 0.0
+    poison_clients: int = 0
+    poison: str = "nan"
     server_round: int = 0
 
     def to_config(self) -> dict:

@@ -1,5 +1,5 @@
 """The run directory: config.json, partition.json, metrics.jsonl, clients.jsonl,
-summary.json and model.pt."""
+checkpoint.pt (after every round), summary.json and model.pt."""
 
 from __future__ import annotations
 
@@ -39,6 +39,29 @@ class RunDirectory:
             (self.path / name).unlink(missing_ok=True)
         _atomic_write(self.path / "config.json", json.dumps(config, indent=2, default=_jsonable))
         _atomic_write(self.path / "partition.json", json.dumps(partition, default=_jsonable))
+
+    def save_checkpoint(self, checkpoint: dict) -> None:
+        """Write, then rename: a kill at any instant leaves the previous checkpoint whole."""
+        torch.save(checkpoint, self.path / "checkpoint.pt.tmp")
+        os.replace(self.path / "checkpoint.pt.tmp", self.path / "checkpoint.pt")
+
+    def load_checkpoint(self) -> dict | None:
+        path = self.path / "checkpoint.pt"
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear error
+            raise ValueError(f"{path} is not a readable fedfuse checkpoint ({type(err).__name__}): "
+                             "delete it to start the run over") from None
+
+    def keep_rounds(self, last_round: int) -> None:
+        """Drop records of rounds after `last_round` (a round cut off by a kill)."""
+        for name in ("metrics.jsonl", "clients.jsonl"):
+            path = self.path / name
+            if path.exists():
+                rows = [r for r in read_jsonl(path) if r["round"] <= last_round]
+                _atomic_write(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
 
     def append(self, name: str, rows: list[dict]) -> None:
         with open(self.path / name, "a") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 import time
 from functools import partial
 from logging import INFO
@@ -72,6 +73,38 @@ def map_nodes_to_partitions(grid: Grid, expected_clients: int, timeout: float = 
     return mapping
 
 
+def _resumable(settings: RunSettings) -> dict:
+    """The settings a resumed run must share with the interrupted one."""
+    values = settings.to_dict()
+    for key in ("out", "resume", "ray_address", "ray_num_cpus", "ray_num_gpus", "client_cpus", "client_gpus"):
+        values.pop(key, None)
+    return values
+
+
+def _resume_point(out: RunDirectory, settings: RunSettings) -> dict | None:
+    """The last complete round's checkpoint, or None (a fresh start) when there is none."""
+    checkpoint = out.load_checkpoint()
+    if checkpoint is None:
+        log(INFO, "fedfuse: --resume found no checkpoint in %s: starting from round 1", settings.out)
+        return None
+    saved, now = checkpoint.get("settings", {}), _resumable(settings)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise SettingsError(f"--resume: {settings.out} holds a run with other settings ({', '.join(changed)}): "
+                            "use the same flags, or another --out")
+    return checkpoint
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
 def _ensemble_accuracy(template, updates: list[ArrayRecord], test_loader) -> float | None:
     """Test accuracy of the output ensemble of the last round's valid client models."""
     if not updates:
@@ -103,12 +136,18 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
     histogram = federation.histogram()
     node_to_partition = map_nodes_to_partitions(grid, spec.clients)
     out = RunDirectory(settings.out)
-    out.start(settings.to_dict(), {
-        "classes": list(federation.data.classes),
-        "histogram": histogram,
-        "proxy_size": len(federation.proxy_indices),
-        "label_skew": label_skew(histogram),
-    })
+    checkpoint = _resume_point(out, settings) if settings.resume else None
+    if checkpoint is None:
+        out.start(settings.to_dict(), {
+            "classes": list(federation.data.classes),
+            "histogram": histogram,
+            "proxy_size": len(federation.proxy_indices),
+            "label_skew": label_skew(histogram),
+        })
+    else:
+        out.keep_rounds(checkpoint["round"])
+        _restore_rng(checkpoint["rng"])
+        log(INFO, "fedfuse: resuming %s after round %d", settings.out, checkpoint["round"])
 
     task = settings.train_task()
     model = task.build_model(federation.num_classes)
@@ -118,7 +157,7 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
     proxy = torch.cat(list(BatchLoader(federation.proxy_images(), None, task.input_spec(federation.data), 256))) \
         if settings.strategy == "fusion" else None
     sampler = strategies.PartitionSampler(node_to_partition, settings.fraction, settings.min_clients, spec.seed)
-    history: list[dict] = []
+    history: list[dict] = list(checkpoint["history"]) if checkpoint else []
     log(INFO, "fedfuse: %s on %s (%s), %d clients, %d rounds",
         settings.strategy, spec.dataset, spec.partition, spec.clients, settings.total_rounds)
 
@@ -151,31 +190,45 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
             {**line, "class_counts": histogram[line["partition"]]} if line["partition"] >= 0 else line
             for line in record.clients
         ])
+        # After the round's records: a kill before this line redoes the round on resume.
+        out.save_checkpoint({
+            "round": record.server_round, "full_finetune": full_finetune, "settings": _resumable(settings),
+            "arrays": {k: v.numpy() for k, v in arrays.items()}, "history": history, "rng": _rng_state(),
+        })
         progress.round_done(row)
         return metrics
 
     phases = [(settings.rounds, False)] + ([(settings.full_finetune_rounds, True)] if settings.full_finetune_rounds else [])
-    done = 0
+    done, strategy = 0, None
+    resume_round = checkpoint["round"] if checkpoint else 0
     for num_rounds, full_finetune in phases:
         if full_finetune:
             model = models.fold(model)
             task = settings.train_task(full_finetune=True)
+        if resume_round >= done + num_rounds:  # the whole phase finished before the kill
+            done += num_rounds
+            if resume_round == done:
+                models.load_exchanged_state(model, checkpoint["arrays"])
+            continue
+        if resume_round > done:  # resume inside this phase, from the checkpoint's model
+            models.load_exchanged_state(model, checkpoint["arrays"])
         strategy = strategies.build(
             settings.strategy, proximal_mu=settings.proximal_mu, template=model, proxy=proxy,
             attribution=settings.attribution, seed=spec.seed,
             num_classes=federation.num_classes if settings.share_class_counts else None,
         )
-        strategy.sampler, strategy.round_offset = sampler, done
+        first = max(done, resume_round)  # rounds of this phase already run
+        strategy.sampler, strategy.round_offset = sampler, first
         result = strategy.start(
             grid=ProgressGrid(grid, progress),
             initial_arrays=_arrays(models.exchanged_state(model)),
-            num_rounds=num_rounds,
+            num_rounds=done + num_rounds - first,
             train_config=ConfigRecord(task.to_config()),
             evaluate_fn=partial(central_evaluation, strategy, full_finetune),
         )
         models.load_exchanged_state(model, {k: v.numpy() for k, v in result.arrays.items()})
         done += num_rounds
-    ensemble = _ensemble_accuracy(model, strategy.last_updates, test_loader)
+    ensemble = _ensemble_accuracy(model, strategy.last_updates if strategy else [], test_loader)
 
     rounds = [r for r in history if r["round"] > 0]
     client_lines = read_jsonl(out.path / "clients.jsonl") if (out.path / "clients.jsonl").exists() else []

@@ -10,6 +10,7 @@ from pathlib import Path
 import data
 import models
 import strategies
+from clients.faults import POISON_KINDS
 from clients.task import TrainTask
 from data import FederationSpec
 from data.federation import fields_from_mapping
@@ -52,6 +53,10 @@ class RunSettings:
     ray_num_cpus: int = 0  # 0: let Ray count this machine's CPUs
     ray_num_gpus: float = -1.0  # -1: let Ray detect GPUs; >= 0 declares logical GPUs
     out: str = "runs/latest"
+    resume: bool = False  # continue the run in `out` from its last complete round
+    client_failure_rate: float = 0.0  # fault injection: each sampled client fails with this probability
+    poison_clients: int = 0  # fault injection: this many clients send broken updates...
+    poison: str = "nan"  # ... of this kind: nan, inf, scale, shape
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -80,6 +85,7 @@ class RunSettings:
             attribution=self.attribution if self.strategy == "fusion" else "",
             attribution_samples=self.attribution_samples,
             share_class_counts=self.share_class_counts and self.strategy == "fusion",
+            client_failure_rate=self.client_failure_rate, poison_clients=self.poison_clients, poison=self.poison,
         )
 
     @property
@@ -123,6 +129,13 @@ class RunSettings:
         if self.attribution not in ATTRIBUTION_METHODS:
             raise SettingsError(f"--attribution must be one of {', '.join(ATTRIBUTION_METHODS)}, got '{self.attribution}'")
         _positive_int("--attribution-samples", self.attribution_samples)
+        if not (math.isfinite(self.client_failure_rate) and 0.0 <= self.client_failure_rate < 1.0):
+            raise SettingsError(f"--client-failure-rate must be in [0, 1), got {self.client_failure_rate}")
+        if not (0 <= self.poison_clients <= self.federation.clients) or int(self.poison_clients) != self.poison_clients:
+            raise SettingsError(f"--poison-clients must be a whole number from 0 to --clients "
+                                f"({self.federation.clients}), got {self.poison_clients}")
+        if self.poison not in POISON_KINDS:
+            raise SettingsError(f"--poison must be one of {', '.join(POISON_KINDS)}, got '{self.poison}'")
         if not (self.client_cpus > 0):
             raise SettingsError(f"--client-cpus must be positive, got {self.client_cpus}")
         if not (0.0 <= self.client_gpus <= 1.0 or float(self.client_gpus).is_integer()):

@@ -49,11 +49,16 @@ def _run_parser(sub) -> None:
     p.add_argument("--proxy-size", type=int, default=1000, help="training samples held out as the server's unlabeled proxy set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete round")
     p.add_argument("--client-cpus", type=float, default=1.0, help="CPUs Ray reserves per client (and torch threads)")
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per client: 0.5 puts two clients on a GPU")
     p.add_argument("--ray-address", default="", help="join a running Ray cluster ('auto' or HOST:PORT)")
     p.add_argument("--ray-num-cpus", type=int, default=0, help="CPUs of the local Ray instance (0: all)")
     p.add_argument("--ray-num-gpus", type=float, default=-1.0, help="GPUs Ray declares locally (-1: detect)")
+    p.add_argument("--client-failure-rate", type=float, default=0.0,
+                   help="fault injection: each sampled client crashes with this probability (seeded)")
+    p.add_argument("--poison-clients", type=int, default=0, help="fault injection: this many clients send broken updates")
+    p.add_argument("--poison", default="nan", help="their kind of broken update: nan, inf, scale, shape")
     p.add_argument("--quiet", action="store_true", help="no live progress")
     p.add_argument("--verbose", action="store_true", help="Flower's and Ray's own logs")
 
@@ -78,7 +83,8 @@ def settings_from_args(args: argparse.Namespace):
         attribution_samples=args.attribution_samples, share_class_counts=args.share_class_counts,
         client_cpus=args.client_cpus,
         client_gpus=args.client_gpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
-        ray_num_gpus=args.ray_num_gpus, out=args.out,
+        ray_num_gpus=args.ray_num_gpus, out=args.out, resume=args.resume,
+        client_failure_rate=args.client_failure_rate, poison_clients=args.poison_clients, poison=args.poison,
     )
 
 

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from logging import WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 
@@ -38,6 +39,9 @@ def mean_train_loss(records, weighted_by_key: str) -> MetricRecord:
     return MetricRecord({"train-loss": sum(l * w for l, w in pairs) / total})
 
 
+OUTLIER_FACTOR = 100.0  # an update moving 100x the global model's norm is rejected
+
+
 class RecordedRounds:
     """Place before the Flower strategy in the bases: class X(RecordedRounds, FedAvg)."""
 
@@ -54,6 +58,7 @@ class RecordedRounds:
         server_round += self.round_offset
         self.current = RoundRecord(server_round, started=time.perf_counter())
         self._expected = {k: (tuple(v.shape), v.numpy().dtype) for k, v in arrays.items()}
+        self._global = {k: v.numpy() for k, v in arrays.items()}
         if self.sampler is not None:
             grid = FixedNodes(grid, self.sampler.sample_nodes(server_round))
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -70,24 +75,35 @@ class RecordedRounds:
         server_round += self.round_offset
         record = self.current or RoundRecord(server_round, started=time.perf_counter())
         valid: list[Message] = []
+        checked: list[tuple[Message, dict]] = []
         for msg in replies:
             line = {"round": server_round, "partition": self._partition(msg), "node": msg.metadata.src_node_id}
+            if not msg.has_error() and "faults" in msg.content.config_records:
+                line["injected"] = str(msg.content.config_records["faults"].get("injected", ""))
             if msg.has_error():
                 line.update(status="failed", reason=msg.error.reason)
                 record.clients_failed += 1
                 log(WARNING, "round %d: client %d (node %d) failed: %s",
                     server_round, line["partition"], line["node"], msg.error.reason)
             elif (problem := self.reply_problem(msg.content)) is not None:
-                line.update(status="rejected", reason=problem)
-                record.clients_rejected += 1
-                log(WARNING, "round %d: rejected update of client %d (node %d): %s",
-                    server_round, line["partition"], line["node"], problem)
+                self._reject(record, line, problem)
             else:
-                line.update(status="ok", **_client_fields(msg))
-                valid.append(msg)
-                record.clients_ok += 1
-                record.bytes_up += msg.content["arrays"].count_bytes()
+                checked.append((msg, line))
             record.clients.append(line)
+        # A scaled update passes every check above: reject one that moved far more than
+        # the size of the global model itself (not relative to the other clients: at
+        # high skew their number of local steps differs a hundredfold).
+        limit = OUTLIER_FACTOR * max(self._norm(self._global), 1.0)
+        for msg, line in checked:
+            moved = self._norm(self._global, msg.content["arrays"])
+            if moved > limit:
+                self._reject(record, line, f"update moved {moved:.3g} from the global model, more than "
+                                           f"{OUTLIER_FACTOR:g}x its norm")
+                continue
+            line.update(status="ok", **_client_fields(msg))
+            valid.append(msg)
+            record.clients_ok += 1
+            record.bytes_up += msg.content["arrays"].count_bytes()
         record.clients.sort(key=lambda c: c["partition"])
         # Floating-point sums depend on order: aggregate in partition order, not arrival order.
         valid.sort(key=self._partition)
@@ -100,6 +116,22 @@ class RecordedRounds:
             log(WARNING, "round %d: no valid update, keeping the previous global model", server_round)
         self.current = record
         return arrays, metrics
+
+    def _reject(self, record: RoundRecord, line: dict, problem: str) -> None:
+        line.update(status="rejected", reason=problem)
+        record.clients_rejected += 1
+        log(WARNING, "round %d: rejected update of client %d (node %d): %s",
+            record.server_round, line["partition"], line["node"], problem)
+
+    @staticmethod
+    def _norm(reference: dict[str, np.ndarray], arrays: ArrayRecord | None = None) -> float:
+        """L2 norm of the floating-point tensors of `reference`, or of `arrays` minus them."""
+        total = 0.0
+        for name, value in reference.items():
+            if np.issubdtype(value.dtype, np.floating):
+                diff = value.astype(np.float64) if arrays is None else arrays[name].numpy().astype(np.float64) - value
+                total += float((diff ** 2).sum())
+        return total ** 0.5
 
     def reply_problem(self, content) -> str | None:
         return reply_problem(content, self._expected)

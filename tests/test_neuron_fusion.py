@@ -57,7 +57,8 @@ def _message(partition: int, update, **drop) -> Message:
 
 def _strategy(template, proxy, attribution="gradxact", name="fusion"):
     strategy = strategies.build(name, template=template, proxy=proxy, attribution=attribution, num_classes=10)
-    strategy._expected = {k: (v.shape, v.dtype) for k, v in models.exchanged_state(template).items()}
+    state = models.exchanged_state(template)
+    strategy._expected, strategy._global = {k: (v.shape, v.dtype) for k, v in state.items()}, state
     return strategy
 
 

@@ -39,6 +39,7 @@ def _aggregate(replies):
     strategy = strategies.build("fedavg")
     global_arrays = ArrayRecord({k: Array(v) for k, v in _state(99).items()})
     strategy._expected = {k: (tuple(v.shape), v.numpy().dtype) for k, v in global_arrays.items()}
+    strategy._global = {k: v.numpy() for k, v in global_arrays.items()}
     arrays, _ = strategy.aggregate_train(1, replies)
     return strategy, arrays
 
