@@ -27,6 +27,11 @@ BAD_INPUTS = [
     (["--full-finetune-rounds", "2"], "continues a projected run: add --projection"),
     (["--model", "timm:resnet18", "--weights", "/nonexistent.pth"], "--weights /nonexistent.pth does not exist"),
     (["--model", "simple-cnn", "--resolution", "64"], "simple-cnn takes 28x28 input"),
+    (["--strategy", "fusion", "--attribution", "saliency"], "--attribution must be one of"),
+    (["--strategy", "fusion", "--proxy-size", "8"], "--proxy-size must be at least 32"),
+    (["--client-failure-rate", "1.0"], "--client-failure-rate must be in [0, 1)"),
+    (["--poison-clients", "11"], "--poison-clients must be a whole number from 0 to --clients"),
+    (["--poison-clients", "1", "--poison", "flip"], "--poison must be one of nan, inf, scale, shape"),
 ]
 
 
@@ -59,3 +64,19 @@ def test_bad_input_fails_within_seconds_from_the_shell(tmp_path):
 def test_compare_refuses_a_directory_without_a_run(tmp_path, capsys):
     assert main(["compare", str(tmp_path)]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_run_directory_of_other_settings_or_a_broken_checkpoint(tmp_path):
+    from server.results import RunDirectory
+    from server.server_app import _resumable, _resume_point
+    from server.settings import RunSettings, SettingsError
+
+    out = RunDirectory(tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    settings = RunSettings(out=str(tmp_path), resume=True)
+    out.save_checkpoint({"round": 2, "settings": _resumable(RunSettings(lr=0.5)), "arrays": {}, "history": []})
+    with pytest.raises(SettingsError, match=r"other settings \(lr\)"):
+        _resume_point(out, settings)
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="not a readable fedfuse checkpoint"):
+        _resume_point(out, settings)

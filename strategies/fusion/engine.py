@@ -207,7 +207,7 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
             if not block:  # norms after the probe: statistics of the newly fitted outputs
                 reestimate_batchnorm(level.module, fused_in)
             loss_after = _mse(level.probe(fused_probe_in), targets)
-            if loss_after >= loss_before:  # a fit never makes the level worse than it was
+            if not loss_after < loss_before:  # never worse than it was (a NaN fit is worse too)
                 level.module.load_state_dict(saved)
                 how, loss_after = how + " (reverted)", loss_before
             fused_in = level(fused_in)
