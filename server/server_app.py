@@ -117,6 +117,20 @@ def _ensemble_accuracy(template, updates: list[ArrayRecord], test_loader) -> flo
     return ensemble_accuracy(client_models, test_loader)
 
 
+def _memory_mb() -> float:
+    """Resident memory of this process and its children (a local Ray's workers) in MB."""
+    import psutil
+
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:  # a worker that just exited
+            pass
+    return total / 1e6
+
+
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
@@ -182,6 +196,7 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
             "clients_failed": record.clients_failed,
             "clients_rejected": record.clients_rejected,
             "projected": task.projection,
+            "rss_mb": _memory_mb(),
             **record.extra,
         }
         history.append(row)

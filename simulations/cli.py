@@ -146,6 +146,7 @@ BENCHMARKS = {
     "bench-fusion": "simulations.bench_fusion",
     "bench-fusion-cost": "simulations.bench_fusion_cost",
     "bench-fusion-round": "simulations.bench_fusion_round",
+    "bench-soak": "simulations.bench_soak",
 }
 
 
@@ -220,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     per_round.add_argument("--seed", type=int, default=0)
     per_round.add_argument("--out", default="runs/bench-fusion-round")
     per_round.add_argument("--force", action="store_true", help="rerun federations that finished earlier")
+    soak = sub.add_parser("bench-soak", help="a long federation: memory at rounds 5 and 30, seconds per round")
+    soak.add_argument("--strategy", default="fedavg")
+    soak.add_argument("--dataset", default="fashion-mnist")
+    soak.add_argument("--clients", type=int, default=50)
+    soak.add_argument("--fraction", type=float, default=0.2)
+    soak.add_argument("--rounds", type=int, default=30)
+    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--out", default="runs/bench-soak")
     fuse = sub.add_parser("fuse", help="one-shot fusion of trained checkpoints (model.pt files)")
     fuse.add_argument("checkpoints", nargs="+", help="model.pt files of one architecture")
     fuse.add_argument("--out", required=True, help="where to write the fused model.pt")

@@ -78,11 +78,14 @@ def reestimate_batchnorm(module: nn.Module, x: torch.Tensor, batch_size: int = 2
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the proxy batches
-    was_training = module.training
+    # Each submodule's own mode comes back (a wrapper made by levels() is in training mode
+    # while the layers it holds are not).
+    modes = [(m, m.training) for m in module.modules()]
     module.train()
     for start in range(0, len(x), batch_size):
         module(x[start:start + batch_size])
-    module.train(was_training)
+    for m, mode in modes:
+        m.training = mode
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
 
@@ -210,6 +213,15 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
             if not loss_after < loss_before:  # never worse than it was (a NaN fit is worse too)
                 level.module.load_state_dict(saved)
                 how, loss_after = how + " (reverted)", loss_before
+                # The averaged level's BatchNorm statistics belong to the averaged model's
+                # inputs, not to the fused model's: refresh them if that alone helps.
+                if any(isinstance(m, _NORMS) for m in level.module.modules()):
+                    reestimate_batchnorm(level.module, fused_in)
+                    refreshed = _mse(level.probe(fused_probe_in), targets)
+                    if refreshed < loss_before:
+                        how, loss_after = how + ", norms re-estimated", refreshed
+                    else:
+                        level.module.load_state_dict(saved)
             fused_in = level(fused_in)
         reports.append(LevelReport(level.name, level.kind, level.width, how, matching_cost, moved, init,
                                    loss_before, loss_after, time.perf_counter() - level_started))

@@ -14,14 +14,16 @@ from models import ProjectedConv2d, ProjectedLinear
 
 
 def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
-    """argmin |Zw - y|^2 + lambda |w - prior|^2 = (G + lambda I)^-1 (h + lambda prior), lambda
-    scaled to G's mean diagonal; batched over leading dims."""
-    d = gram.shape[-1]
-    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]
-    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+    """argmin |Zw - y|^2 + lambda sum_j G_jj (w_j - prior_j)^2: ridge on standardised
+    features (each feature penalised in proportion to its own scale, so that a bias
+    column and a large-valued feature are shrunk alike); batched over leading dims."""
+    diag = gram.diagonal(dim1=-2, dim2=-1)
+    # A dead feature (all zeros) keeps its prior: a tiny penalty relative to the others.
+    diag = diag.clamp_min(1e-9 * diag.mean(-1, keepdim=True).clamp_min(1e-12))
+    penalty = torch.diag_embed(ridge * diag)
     if prior is not None:
-        rhs = rhs + ridge * scale * prior
-    return torch.linalg.solve(gram + ridge * scale * eye, rhs)
+        rhs = rhs + penalty @ prior
+    return torch.linalg.solve(gram + penalty, rhs)
 
 
 def _padded(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
