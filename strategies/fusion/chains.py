@@ -139,16 +139,16 @@ def fit_stage(stage: Stage, x: torch.Tensor, target: torch.Tensor, ridge: float 
         old = conv.gamma.double()
         prior = torch.cat([scale_now[:, None] * old, offset_now[:, None]], 1)[..., None]
         solution = ridge_solution(lambda a, b: _projected_conv_equations(work, a, b, bias=True), x, target, ridge,
-                                  seed, prior)
+                                  seed, prior, standardise=True)
         new, offset = solution[:, :-1, 0], solution[:, -1, 0]
     elif kind == "plain":
         old = conv.weight.double().flatten(1)
         prior = torch.cat([(scale_now[:, None] * old).T, offset_now[None]])
-        solution = ridge_solution(lambda a, b: _conv_equations(work, a, b, bias=True), x, target, ridge, seed, prior)
+        solution = ridge_solution(lambda a, b: _conv_equations(work, a, b, bias=True), x, target, ridge, seed, prior, standardise=True)
         new, offset = solution[:-1].T, solution[-1]  # (C, d), (C,)
     else:
         prior = torch.stack([scale_now, offset_now], 1)[..., None]
-        solution = ridge_solution(lambda a, b: _frozen_equations(work, a, b), x, target, ridge, seed, prior)
+        solution = ridge_solution(lambda a, b: _frozen_equations(work, a, b), x, target, ridge, seed, prior, standardise=True)
         scale, offset = solution[:, 0, 0], solution[:, 1, 0]
     if kind is not None:
         # Keep each channel's kernel norm (the scale SGD sees); the norm takes the rest.

@@ -13,13 +13,18 @@ from torch import nn
 from models import ProjectedConv2d, ProjectedLinear
 
 
-def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
-    """argmin |Zw - y|^2 + lambda sum_j G_jj (w_j - prior_j)^2: ridge on standardised
-    features (each feature penalised in proportion to its own scale, so that a bias
-    column and a large-valued feature are shrunk alike); batched over leading dims."""
+def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float, prior: torch.Tensor | None = None,
+           standardise: bool = False) -> torch.Tensor:
+    """argmin |Zw - y|^2 + lambda s_j (w_j - prior_j)^2, batched over leading dims. s_j is
+    the mean of G's diagonal for every feature, or with `standardise` each feature's own
+    G_jj (ridge on standardised features: for a handful of features of very different
+    scales, such as a conv response and a bias column; with many features it lets
+    weights on rarely active ones grow, which destabilised multi-round training)."""
     diag = gram.diagonal(dim1=-2, dim2=-1)
-    # A dead feature (all zeros) keeps its prior: a tiny penalty relative to the others.
-    diag = diag.clamp_min(1e-9 * diag.mean(-1, keepdim=True).clamp_min(1e-12))
+    if standardise:  # a dead feature (all zeros) keeps its prior: a tiny penalty
+        diag = diag.clamp_min(1e-9 * diag.mean(-1, keepdim=True).clamp_min(1e-12))
+    else:
+        diag = diag.mean(-1, keepdim=True).clamp_min(1e-12).expand_as(diag)
     penalty = torch.diag_embed(ridge * diag)
     if prior is not None:
         rhs = rhs + penalty @ prior
@@ -167,7 +172,7 @@ def _solver_for(probe: nn.Module):
 
 
 def ridge_solution(equations, x: torch.Tensor, y: torch.Tensor, ridge: float | None = None,
-                   seed: int = 0, prior: torch.Tensor | None = None) -> torch.Tensor:
+                   seed: int = 0, prior: torch.Tensor | None = None, standardise: bool = False) -> torch.Tensor:
     """Solve the ridge least squares whose normal equations `equations(x, y)` returns, in
     float64, shrunk towards `prior` (the level's current parameters: in a federation the
     fused model starts as the clients' average, and the fit should move it only as far
@@ -184,12 +189,12 @@ def ridge_solution(equations, x: torch.Tensor, y: torch.Tensor, ridge: float | N
         gram_h, rhs_h = equations(x[held], y[held])
 
         def held_error(lam: float) -> float:
-            w = _solve(gram_t, rhs_t, lam, prior)
+            w = _solve(gram_t, rhs_t, lam, prior, standardise)
             return float((w * (gram_h @ w)).sum() - 2 * (w * rhs_h).sum())
 
-        return _solve(gram_t + gram_h, rhs_t + rhs_h, min(grid, key=held_error), prior)
+        return _solve(gram_t + gram_h, rhs_t + rhs_h, min(grid, key=held_error), prior, standardise)
     gram, rhs = equations(x, y)
-    return _solve(gram, rhs, grid[0], prior)
+    return _solve(gram, rhs, grid[0], prior, standardise)
 
 
 def closed_form_fit(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: float | None = None,
