@@ -27,7 +27,7 @@ def variants(base: RunSettings, rounds: int, full_rounds: int, projected_lr: flo
 
 
 def main(args) -> int:
-    from simulations.simulate import simulate
+    from simulations.simulate import run_unless_finished
 
     base = RunSettings(
         federation=FederationSpec(dataset=args.dataset, partition="dirichlet", alpha=args.alpha,
@@ -38,13 +38,9 @@ def main(args) -> int:
     for settings in runs.values():
         settings.validate()
     console = make_console()
-    for name, settings in runs.items():
-        if (Path(settings.out) / "summary.json").exists() and not args.force:
-            console.print(f"{name}: finished earlier in {settings.out}, kept (--force reruns)")
-            continue
-        console.print(f"{name}: {settings.rounds} projected + {settings.full_finetune_rounds} full rounds"
-                      if settings.projection else f"{name}: {settings.rounds} full fine-tuning rounds")
-        simulate(settings, show_progress=False)
+    run_unless_finished(runs, args.force, console, lambda name, settings: (
+        f"{name}: {settings.rounds} projected + {settings.full_finetune_rounds} full rounds"
+        if settings.projection else f"{name}: {settings.rounds} full fine-tuning rounds"))
     dirs = [s.out for s in runs.values()]
     print_tables(curve_table(dirs), summary_table(dirs, title=f"{args.model} at {args.resolution}px"), console=console)
     return 0

@@ -19,7 +19,7 @@ from simulations.tables import curve_table, make_console, print_tables, summary_
 
 
 def main(args) -> int:
-    from simulations.simulate import simulate
+    from simulations.simulate import run_unless_finished
 
     base = RunSettings(
         federation=FederationSpec(dataset=args.dataset, partition="dirichlet", alpha=args.alpha,
@@ -31,12 +31,7 @@ def main(args) -> int:
     for settings in runs.values():
         settings.validate()
     console = make_console()
-    for name, settings in runs.items():
-        if (Path(settings.out) / "summary.json").exists() and not args.force:
-            console.print(f"{name}: finished earlier in {settings.out}, kept (--force reruns)")
-            continue
-        console.print(f"{name}: {settings.rounds} rounds -> {settings.out}")
-        simulate(settings, show_progress=False)
+    run_unless_finished(runs, args.force, console)
 
     fedavg = {m["round"]: m for m in read_jsonl(Path(runs["fedavg"].out) / "metrics.jsonl")}
     fusion = read_jsonl(Path(runs["fusion"].out) / "metrics.jsonl")

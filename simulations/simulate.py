@@ -76,3 +76,14 @@ def simulate(settings: RunSettings, show_progress: bool = True, verbose: bool = 
     if not summaries:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose for Flower's log")
     return summaries[0]
+
+
+def run_unless_finished(runs: dict, force: bool, console, describe=None) -> None:
+    """Run each named, validated RunSettings whose run directory has no summary.json yet
+    (all of them with `force`): benchmarks continue where an earlier call stopped."""
+    for name, settings in runs.items():
+        if (Path(settings.out) / "summary.json").exists() and not force:
+            console.print(f"{name}: finished earlier in {settings.out}, kept (--force reruns)")
+            continue
+        console.print(describe(name, settings) if describe else f"{name}: {settings.rounds} rounds -> {settings.out}")
+        simulate(settings, show_progress=False)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 import data
 import models
@@ -19,12 +18,7 @@ from clients.task import TrainTask
 SPEC = data.FederationSpec(dataset="mnist-5k", clients=4, proxy_size=256, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _flower_run_identity():
-    previous = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+pytestmark = pytest.mark.usefixtures("flower_run_identity")
 
 
 @pytest.fixture(scope="module")

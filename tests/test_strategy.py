@@ -3,7 +3,6 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 import strategies
 from strategies import PartitionSampler
@@ -12,13 +11,7 @@ from strategies.validation import reply_problem
 SHAPES = {"w": (3, 2), "b": (2,)}
 
 
-@pytest.fixture(autouse=True)
-def _flower_run_identity():
-    # Messages built outside a running ServerApp need a run id, as inside one.
-    previous = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+pytestmark = pytest.mark.usefixtures("flower_run_identity")
 
 
 def _state(seed, scale=1.0):
