@@ -42,10 +42,14 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
 
 # The headline grid (fusion, fusion-uniform, FedAvg, FedProx; 3 splits, 1 and 5 local
-# epochs, small CNN and projected EfficientNet-Lite0, 3 seeds): many hours on 2 cores.
-# Interrupt it at will: the same command continues where it stopped.
+# epochs, small CNN and projected EfficientNet-Lite0, 3 seeds): days on 2 cores, most of
+# it EfficientNet. Its records are committed in results/fmnist-noniid: the command runs
+# what is missing there and rewrites the report (interrupt it at will). BENCH_ONLY picks a
+# slice, e.g. make bench BENCH_ONLY='simple-cnn-*'; a grid from scratch:
+# fedfuse bench simulations/configs/fmnist-noniid.toml --out runs/mine
+BENCH_ONLY ?= *
 bench: setup
-	$(BIN)/fedfuse bench simulations/configs/fmnist-noniid.toml --out runs/bench-fmnist-noniid
+	$(BIN)/fedfuse bench simulations/configs/fmnist-noniid.toml --out results/fmnist-noniid --only '$(BENCH_ONLY)'
 
 bench-smoke: setup
 	$(BIN)/fedfuse bench simulations/configs/smoke.toml --out runs/bench-smoke

@@ -135,6 +135,15 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _per_level_mean(per_round: list[list[float]]) -> list[float] | None:
+    """Mean over rounds, level by level, of the rounds with the last round's levels (a
+    full fine-tuning phase after projection may change them)."""
+    if not per_round:
+        return None
+    same = [r for r in per_round if len(r) == len(per_round[-1])]
+    return np.mean(np.array(same, dtype=float), 0).tolist()
+
+
 def _arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
@@ -248,6 +257,7 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
     rounds = [r for r in history if r["round"] > 0]
     client_lines = read_jsonl(out.path / "clients.jsonl") if (out.path / "clients.jsonl").exists() else []
     attribution_seconds = [c["attribution_s"] for c in client_lines if "attribution_s" in c]
+    fused_rounds = [r for r in rounds if "fit_loss_after" in r]
     summary = {
         "strategy": settings.strategy,
         "dataset": spec.dataset,
@@ -272,6 +282,13 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         "mean_fusion_s": _mean([r["fusion_s"] for r in rounds if "fusion_s" in r]),
         "mean_clients_used": _mean([r.get("clients_used", r["clients_ok"]) for r in rounds]),
         "mean_attribution_s": _mean(attribution_seconds),
+        # Fusion's figures: per level, the mean over rounds of its fit loss before and after
+        # the fit; the share of channels the matching moved; rounds that sent the fused model.
+        "fit_loss_before_per_level": _per_level_mean([r["fit_loss_before"] for r in fused_rounds]),
+        "fit_loss_after_per_level": _per_level_mean([r["fit_loss_after"] for r in fused_rounds]),
+        "mean_assignment_moved": _mean([r["assignment_moved"] for r in fused_rounds
+                                        if not np.isnan(r["assignment_moved"])]),
+        "rounds_fusion_selected": sum(r.get("selected") == "fusion" for r in fused_rounds) if fused_rounds else None,
         "label_skew": label_skew(histogram),
         "ensemble_accuracy": ensemble,
         "wall_s": time.perf_counter() - started,

@@ -7,6 +7,7 @@ DIR/failures.jsonl and the grid goes on."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 import traceback
@@ -34,23 +35,34 @@ def _run_one(run: GridRun) -> None:
         simulate(run.settings, show_progress=False)
 
 
-def run_grid(config: str, out: str, limit: int | None = None, quiet: bool = False) -> dict:
-    """Run what is missing of the grid (at most `limit` new runs), then write the
-    outputs from every finished run. Returns counts of runs done, kept and failed."""
+def run_grid(config: str, out: str, limit: int | None = None, quiet: bool = False,
+             only: list[str] | None = None) -> dict:
+    """Run what is missing of the grid (at most `limit` new runs; with `only`, just the
+    runs whose id matches one of those glob patterns), then write the outputs from every
+    finished run. Returns counts of runs done, kept and failed."""
     grid = load_grid(config, out)  # every setting checked before the first run
+    selected = grid.runs
+    if only:
+        # A slice of the grid (one model, one seed...): several machines or sessions can
+        # share one grid directory, each running its own part.
+        unknown = [p for p in only if not any(fnmatch.fnmatchcase(r.run_id, p) for r in grid.runs)]
+        if unknown:
+            raise ValueError(f"--only {' '.join(unknown)} matches no run of {config}; run ids look like "
+                             f"{grid.runs[-1].run_id}")
+        selected = [r for r in grid.runs if any(fnmatch.fnmatchcase(r.run_id, p) for p in only)]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "grid.json").write_text(json.dumps({"config": grid.source, "runs": [r.run_id for r in grid.runs],
                                                     "target_accuracy": grid.target_accuracy}, indent=2))
     console = make_console()
     counts = {"done": 0, "kept": 0, "failed": 0}
-    pending = [r for r in grid.runs if not _finished(r)]
-    counts["kept"] = len(grid.runs) - len(pending)
+    pending = [r for r in selected if not _finished(r)]
+    counts["kept"] = len(selected) - len(pending)
     if limit is not None:
         pending = pending[:limit]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=quiet) as progress:
-        task = progress.add_task("grid", total=len(grid.runs), completed=counts["kept"])
+        task = progress.add_task("grid", total=len(selected), completed=counts["kept"])
         for run in pending:
             progress.update(task, description=f"{run.run_id}")
             started = time.time()
@@ -72,5 +84,5 @@ def run_grid(config: str, out: str, limit: int | None = None, quiet: bool = Fals
 
 
 def main(args) -> int:
-    counts = run_grid(args.config, args.out, limit=args.limit, quiet=args.quiet)
+    counts = run_grid(args.config, args.out, limit=args.limit, quiet=args.quiet, only=args.only)
     return 1 if counts["failed"] else 0

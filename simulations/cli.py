@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("config", help="grid file, e.g. simulations/configs/smoke.toml")
     grid.add_argument("--out", default="runs/bench", help="grid directory; finished runs in it are kept")
     grid.add_argument("--limit", type=int, default=None, help="run at most this many new runs, then report")
+    grid.add_argument("--only", action="append", metavar="GLOB",
+                      help="run only the grid runs whose id matches (repeatable), e.g. 'simple-cnn-*-s0'")
     grid.add_argument("--quiet", action="store_true", help="no progress bar")
     compare = sub.add_parser("compare", help="tables of finished runs side by side")
     compare.add_argument("runs", nargs="+", help="run directories")

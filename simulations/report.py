@@ -82,11 +82,37 @@ def summarise(rows: list[dict], target: float, ensembles: dict[str, float | None
     return lines
 
 
+def against_fedavg(rows: list[dict]) -> list[dict]:
+    """Every strategy against FedAvg on the same setting, paired by seed (same partition):
+    the difference of final accuracy, and the first round at which the strategy reached
+    FedAvg's final accuracy of that seed (FedAvg itself needs all its rounds, or fewer)."""
+    curves = _curves(rows)
+    lines = []
+    for (setting, strategy), by_seed in sorted(curves.items()):
+        fedavg = curves.get((setting, "fedavg"))
+        if strategy in ("fedavg", CENTRALISED) or not fedavg:
+            continue
+        seeds = sorted(set(by_seed) & set(fedavg))
+        if not seeds:
+            continue
+        deltas = [by_seed[s][-1]["accuracy"] - fedavg[s][-1]["accuracy"] for s in seeds]
+        own = [_reach(by_seed[s], fedavg[s][-1]["accuracy"])[0] for s in seeds]
+        base = [_reach(fedavg[s], fedavg[s][-1]["accuracy"])[0] for s in seeds]
+        hit = [r for r in own if r is not None]
+        lines.append({"setting": setting, "strategy": strategy, "seeds": len(seeds),
+                      "delta_mean": float(np.mean(deltas)), "delta_std": float(np.std(deltas)),
+                      "wins": sum(d > 0 for d in deltas), "reached": len(hit),
+                      "rounds_to_fedavg_final": float(np.mean(hit)) if hit else None,
+                      "fedavg_rounds": float(np.mean(base))})
+    return lines
+
+
 def _fmt(value, spec: str = "{:.4f}") -> str:
     return "-" if value is None else spec.format(value)
 
 
-def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[dict]) -> None:
+def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[dict],
+                 comparisons: list[dict] = ()) -> None:
     target = grid.target_accuracy
     text = [
         "# fedfuse benchmark report", "",
@@ -108,6 +134,22 @@ def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[di
             f"{line['final_std']:.4f} | {line['reached']}/{line['seeds']} | {_fmt(line['rounds_to_target'], '{:.1f}')} "
             f"| {_fmt(line['mb_to_target'], '{:.1f}')} | {_fmt(line['s_per_round'], '{:.1f}')} "
             f"| {_fmt(line['ensemble_mean'])} |")
+    if comparisons:
+        text += [
+            "", "## Against FedAvg", "",
+            "Paired by seed (same partition, same sampled clients): final accuracy minus FedAvg's (mean ± std "
+            "over seeds; wins: seeds where it ended above), and the first round at which the strategy reached "
+            "FedAvg's final accuracy of that seed (mean over the seeds that did), beside the round at which FedAvg "
+            "itself first reached it.", "",
+            "| setting | strategy | seeds | final - FedAvg (points) | wins | reached FedAvg's final | in round "
+            "| FedAvg's round |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for c in comparisons:
+            text.append(
+                f"| {c['setting']} | {c['strategy']} | {c['seeds']} | {100 * c['delta_mean']:+.2f} ± "
+                f"{100 * c['delta_std']:.2f} | {c['wins']}/{c['seeds']} | {c['reached']}/{c['seeds']} "
+                f"| {_fmt(c['rounds_to_fedavg_final'], '{:.1f}')} | {c['fedavg_rounds']:.1f} |")
     text += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in sorted(out_dir.glob("*.png"))), ""]
     if failures:
         text += ["## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in failures] + [""]
@@ -164,5 +206,5 @@ def write_outputs(grid: Grid, out_dir: Path) -> list[dict]:
     lines = summarise(rows, grid.target_accuracy, ensembles)
     if rows:
         write_plots(rows, out_dir)
-    write_report(grid, out_dir, lines, failures)
+    write_report(grid, out_dir, lines, failures, against_fedavg(rows))
     return lines

@@ -37,7 +37,19 @@ SUMMARY_COLUMNS = [
     ("aggregate s", lambda s, d: f"{s['mean_aggregate_s']:.4f}"),
     ("clients used", lambda s, d: _optional(s.get("mean_clients_used"), "{:.1f}")),
     ("attribution s", lambda s, d: _optional(s.get("mean_attribution_s"), "{:.2f}")),
+    ("fusion s", lambda s, d: _optional(s.get("mean_fusion_s"), "{:.2f}")),
+    ("fit loss after/before", lambda s, d: _optional(_fit_ratio(s), "{:.3f}")),
+    ("moved", lambda s, d: _optional(s.get("mean_assignment_moved"), "{:.3f}")),
+    ("fused rounds", lambda s, d: _optional(s.get("rounds_fusion_selected"), "{}")),
 ]
+
+
+def _fit_ratio(summary: dict) -> float | None:
+    """Fusion: mean over levels of (fit loss after) / (fit loss before), each averaged over rounds."""
+    before, after = summary.get("fit_loss_before_per_level"), summary.get("fit_loss_after_per_level")
+    if not before:
+        return None
+    return float(np.mean([a / b if b > 0 else 1.0 for a, b in zip(after, before)]))
 
 
 def _optional(value, fmt: str) -> str:

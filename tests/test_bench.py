@@ -62,6 +62,36 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
     assert report.count("RuntimeError: client crashed") == 3
 
 
+def test_only_runs_the_matching_slice_of_the_grid(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "_run_one", lambda run: calls.append(run.run_id))
+    headline = str(SMOKE.parent / "fmnist-noniid.toml")
+    counts = bench.run_grid(headline, str(tmp_path), quiet=True, only=["simple-cnn-e1-dir0.1-*-s0"])
+    assert counts == {"done": 4, "kept": 0, "failed": 0}
+    assert sorted(calls) == [f"simple-cnn-e1-dir0.1-{s}-s0" for s in ("fedavg", "fedprox", "fusion", "fusion-uniform")]
+    with pytest.raises(ValueError, match="matches no run"):
+        bench.run_grid(headline, str(tmp_path / "other"), quiet=True, only=["resnet-*"])
+    assert not (tmp_path / "other").exists()
+
+
+def _rows(strategy: str, seed: int, accuracies: list[float]) -> list[dict]:
+    return [{"run": f"{strategy}-s{seed}", "setting": "m-dir0.1", "strategy": strategy, "seed": seed,
+             "round": r, "accuracy": a, "bytes_total": 0} for r, a in enumerate(accuracies)]
+
+
+def test_against_fedavg_pairs_seeds_and_counts_rounds_to_fedavg_final():
+    from simulations.report import against_fedavg
+
+    rows = (_rows("fedavg", 0, [0.1, 0.5, 0.6, 0.7]) + _rows("fedavg", 1, [0.1, 0.4, 0.6, 0.6])
+            + _rows("fusion", 0, [0.1, 0.7, 0.72, 0.75]) + _rows("fusion", 1, [0.1, 0.3, 0.4, 0.5])
+            + _rows("fusion", 2, [0.1, 0.9, 0.9, 0.9]))  # seed 2 has no FedAvg run: not paired
+    (line,) = against_fedavg(rows)
+    assert line["seeds"] == 2 and line["wins"] == 1
+    assert line["delta_mean"] == pytest.approx((0.05 - 0.1) / 2)
+    assert line["reached"] == 1 and line["rounds_to_fedavg_final"] == 1  # seed 0: 0.7 >= 0.7 in round 1
+    assert line["fedavg_rounds"] == pytest.approx((3 + 2) / 2)
+
+
 def _report_finals(report: str) -> dict[tuple[str, str], float]:
     finals = {}
     for line in report.splitlines():
@@ -94,3 +124,6 @@ def test_smoke_grid_writes_every_output_and_resumes_without_redoing_runs(tmp_pat
     for key, value in last.items():  # one seed: the mean is the run's last accuracy
         assert finals[key] == pytest.approx(value, abs=1e-4)
     assert all(value > 0.6 for value in last.values())
+    delta = re.search(r"\| simple-cnn-e2-dir0.5 \| fusion \| 1 \| ([+-][0-9.]+) ±", (tmp_path / "report.md").read_text())
+    fedavg_final, fusion_final = (last[("simple-cnn-e2-dir0.5", s)] for s in ("fedavg", "fusion"))
+    assert float(delta.group(1)) == pytest.approx(100 * (fusion_final - fedavg_final), abs=0.01)

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_flwr_run_writes_the_same_run_directory(tmp_path):
+@pytest.mark.parametrize("strategy", ["fedavg", "fusion"])
+def test_flwr_run_writes_the_same_run_directory(tmp_path, strategy):
     env = {
         **os.environ,
         "FLWR_HOME": str(tmp_path / "flwr-home"),
@@ -26,7 +27,7 @@ def test_flwr_run_writes_the_same_run_directory(tmp_path):
     try:
         subprocess.run(flwr + ["federation", "simulation-config", "@none/default", "local", "--num-supernodes", "4"],
                        cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-        config = f"dataset='mnist-5k' partition='iid' clients=4 rounds=2 local-epochs=2 lr=0.02 proxy-size=100 out='{out}'"
+        config = f"strategy='{strategy}' dataset='mnist-5k' partition='iid' clients=4 rounds=2 local-epochs=2 lr=0.02 proxy-size=100 out='{out}'"
         proc = subprocess.run(flwr + ["run", ".", "--run-config", config, "--stream"],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     finally:  # the local SuperLink outlives `flwr run`; its command line names our FLWR_HOME

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import models
@@ -125,6 +126,9 @@ def test_fusion_simulation_learns_and_shares_two_logical_gpus(tmp_path):
     assert set(by_gpu) == {"0", "1"}, by_gpu.keys()
     assert all(_overlaps(intervals) <= 2 for intervals in by_gpu.values())
     assert summary["mean_clients_used"] == 4 and summary["mean_attribution_s"] > 0
+    assert summary["fit_loss_after_per_level"] == pytest.approx(
+        [sum(values) / len(values) for values in zip(*(m["fit_loss_after"] for m in metrics))])
+    assert summary["rounds_fusion_selected"] == sum(m["selected"] == "fusion" for m in metrics)
 
 
 def test_simulation_joins_a_running_ray_cluster(tmp_path):
