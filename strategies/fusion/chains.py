@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -135,21 +136,29 @@ def fit_stage(stage: Stage, x: torch.Tensor, target: torch.Tensor, ridge: float 
     offset_now = norm.bias.double() - scale_now * norm.running_mean.double()
     if kind is not None and conv.bias is not None:  # trainable convs are solved without their bias
         offset_now = offset_now + scale_now * conv.bias.double()
+    # What a channel kept as it is (below) still takes: the shift of its mean to the target's.
+    shift = torch.stack([(target[part].double() - stage.pre_activation(x[part]).double()).sum((0, 2, 3))
+                         for part in _chunks(len(x), 64)]).sum(0) / (target[:, 0].numel())
+    bound = partial(_within_gain_bound, prior_offset=offset_now + shift, spread=partial(_spread, conv, kind, x=x))
     if kind == "projected":
         old = conv.gamma.double()
         prior = torch.cat([scale_now[:, None] * old, offset_now[:, None]], 1)[..., None]
         solution = ridge_solution(lambda a, b: _projected_conv_equations(work, a, b, bias=True), x, target, ridge,
                                   seed, prior, standardise=True)
         new, offset = solution[:, :-1, 0], solution[:, -1, 0]
+        new, offset = bound(new, offset, scale_now[:, None] * old)
     elif kind == "plain":
         old = conv.weight.double().flatten(1)
         prior = torch.cat([(scale_now[:, None] * old).T, offset_now[None]])
         solution = ridge_solution(lambda a, b: _conv_equations(work, a, b, bias=True), x, target, ridge, seed, prior, standardise=True)
         new, offset = solution[:-1].T, solution[-1]  # (C, d), (C,)
+        new, offset = bound(new, offset, scale_now[:, None] * old)
     else:
         prior = torch.stack([scale_now, offset_now], 1)[..., None]
         solution = ridge_solution(lambda a, b: _frozen_equations(work, a, b), x, target, ridge, seed, prior, standardise=True)
         scale, offset = solution[:, 0, 0], solution[:, 1, 0]
+        scale, offset = bound(scale[:, None], offset, scale_now[:, None])
+        scale = scale[:, 0]
     if kind is not None:
         # Keep each channel's kernel norm (the scale SGD sees); the norm takes the rest.
         ratio = old.norm(dim=1) / new.norm(dim=1).clamp_min(1e-12)
@@ -164,19 +173,59 @@ def fit_stage(stage: Stage, x: torch.Tensor, target: torch.Tensor, ridge: float 
         conv.bias.zero_()
     # BatchNorm statistics of the new conv output on x, then weight and bias such that
     # norm(conv(x)) = scale * conv(x) + offset.
-    total, total_sq, count = 0.0, 0.0, 0
-    for part in _chunks(len(x), 64):
-        v = conv(x[part]).double()
-        total = total + v.sum((0, 2, 3))
-        total_sq = total_sq + (v * v).sum((0, 2, 3))
-        count += v.shape[0] * v.shape[2] * v.shape[3]
-    mean = total / count
-    var = (total_sq / count - mean**2).clamp_min(0)
+    mean, var = _channel_stats(conv, x)
     norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
     norm.running_var.copy_(var.to(norm.running_var.dtype))
     norm.weight.copy_((scale * (var + norm.eps).sqrt()).to(norm.weight.dtype))
     norm.bias.copy_((offset + scale * mean).to(norm.bias.dtype))
     return True
+
+
+@torch.no_grad()
+def _channel_stats(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance of conv(x) over samples and positions."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for part in _chunks(len(x), 64):
+        v = conv(x[part]).double()
+        total, total_sq = total + v.sum((0, 2, 3)), total_sq + (v * v).sum((0, 2, 3))
+        count += v.shape[0] * v.shape[2] * v.shape[3]
+    mean = total / count
+    return mean, (total_sq / count - mean**2).clamp_min(0)
+
+
+GAIN_BOUND = 4.0  # a stage's fit may change a channel's output spread at most this many times, up or down
+NEAR_CONSTANT = 1e-3  # a channel whose output varies this little (vs the stage's median) keeps its gain
+
+
+@torch.no_grad()
+def _spread(conv: nn.Conv2d, kind: str | None, coefficients: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-channel standard deviation over x of the stage's pre-activation with these
+    coefficients (the norm folded in; (C, d) conv parameters, or (C, 1) scales of a
+    frozen conv's output)."""
+    probe = copy.deepcopy(conv)
+    if kind == "projected":
+        probe.gamma.copy_(coefficients.to(probe.gamma.dtype))
+    elif kind == "plain":
+        probe.weight.copy_(coefficients.reshape_as(probe.weight).to(probe.weight.dtype))
+    std = _channel_stats(probe, x)[1].sqrt()  # a conv bias shifts, it does not spread
+    return std if kind is not None else std * coefficients[:, 0].abs()
+
+
+@torch.no_grad()
+def _within_gain_bound(new: torch.Tensor, offset: torch.Tensor, prior: torch.Tensor, prior_offset: torch.Tensor,
+                       spread) -> tuple[torch.Tensor, torch.Tensor]:
+    """A trust region per channel: a channel keeps its current coefficients (`prior`, the
+    norm folded in) and only moves its mean (`prior_offset`) where the fit would change
+    the spread of its output more than GAIN_BOUND times, or where that output is nearly
+    constant on the proxy. Such fits chase small target variations with a huge gain: a
+    colour-contrast stem channel of an ImageNet net gives ~0 on grey images, and its gain
+    grew to 1e5 over rounds, which made local SGD from the fused model diverge."""
+    now = spread(prior)
+    gain = spread(new) / now.clamp_min(1e-12)
+    near_constant = now < NEAR_CONSTANT * now.median().clamp_min(1e-12)
+    keep = near_constant | ~torch.isfinite(gain) | (gain > GAIN_BOUND) | (gain < 1 / GAIN_BOUND)
+    return (torch.where(keep[:, None], prior.to(new.dtype), new),
+            torch.where(keep, prior_offset.to(offset.dtype), offset))
 
 
 def _double_copy(conv: nn.Conv2d) -> nn.Conv2d:
