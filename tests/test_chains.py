@@ -65,7 +65,7 @@ def test_fusing_identical_projected_efficientnets_returns_the_same_function(proj
 
 
 def test_a_stem_fit_on_grey_images_keeps_colour_contrast_channels_and_bounds_gains(projected_effnet):
-    from strategies.fusion.chains import GAIN_BOUND, NEAR_CONSTANT, fit_stage
+    from strategies.fusion.chains import GAIN_BOUND, NEAR_CONSTANT, channel_gains, fit_stage
 
     stem = copy.deepcopy(conv_norm_chain(torch.nn.Sequential(projected_effnet.conv_stem, projected_effnet.bn1)))
     stage = stem.stages[0]
@@ -96,3 +96,11 @@ def test_a_stem_fit_on_grey_images_keeps_colour_contrast_channels_and_bounds_gai
     assert ((ratio[others] > 1.1) & (ratio[others] < 1.6)).all()
     assert (fitted[:, others] - target[:, others]).pow(2).mean() < 1e-2 * target[:, others].pow(2).mean()
     assert (ratio[live] <= GAIN_BOUND).all() and torch.isfinite(stage.norm.weight).all()
+
+    # Models whose gains are all 10x (the fused stage is a broken average, say): a 10x
+    # change is theirs, so the fit takes it.
+    with torch.no_grad():
+        current = stage.pre_activation(grey)
+        fit_stage(stage, grey, current * 10, reference=10 * channel_gains(stage)[None])
+        ratio = spread(stage.pre_activation(grey)) / spread(current)
+    assert ratio[others].median() == pytest.approx(10, rel=0.01)

@@ -123,9 +123,12 @@ def _trainable(conv: nn.Conv2d) -> str | None:
 
 
 @torch.no_grad()
-def fit_stage(stage: Stage, x: torch.Tensor, target: torch.Tensor, ridge: float | None = None, seed: int = 0) -> bool:
+def fit_stage(stage: Stage, x: torch.Tensor, target: torch.Tensor, ridge: float | None = None, seed: int = 0,
+              reference: torch.Tensor | None = None) -> bool:
     """Fit one stage's pre-activation output to `target`; False when its conv kind has no
-    closed form here (a plain grouped conv)."""
+    closed form here (a plain grouped conv). `reference`: (models, C) per-channel gains
+    (`channel_gains`) of the models' same stage, which bound the fitted gains (default:
+    the stage's own)."""
     conv, norm = stage.conv, stage.norm
     kind = _trainable(conv)
     if kind == "unsupported":
@@ -139,7 +142,9 @@ def fit_stage(stage: Stage, x: torch.Tensor, target: torch.Tensor, ridge: float 
     # What a channel kept as it is (below) still takes: the shift of its mean to the target's.
     shift = torch.stack([(target[part].double() - stage.pre_activation(x[part]).double()).sum((0, 2, 3))
                          for part in _chunks(len(x), 64)]).sum(0) / (target[:, 0].numel())
-    bound = partial(_within_gain_bound, prior_offset=offset_now + shift, spread=partial(_spread, conv, kind, x=x))
+    spread_now = scale_now.abs() * _channel_stats(conv, x)[1].sqrt()
+    reference = channel_gains(stage)[None] if reference is None else reference
+    bound = partial(_within_gain_bound, prior_offset=offset_now + shift, reference=reference, spread_now=spread_now)
     if kind == "projected":
         old = conv.gamma.double()
         prior = torch.cat([scale_now[:, None] * old, offset_now[:, None]], 1)[..., None]
@@ -193,37 +198,38 @@ def _channel_stats(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return mean, (total_sq / count - mean**2).clamp_min(0)
 
 
-GAIN_BOUND = 4.0  # a stage's fit may change a channel's output spread at most this many times, up or down
+GAIN_BOUND = 4.0  # a fitted channel's gain stays within this factor of the models' gains for it
 NEAR_CONSTANT = 1e-3  # a channel whose output varies this little (vs the stage's median) keeps its gain
 
 
 @torch.no_grad()
-def _spread(conv: nn.Conv2d, kind: str | None, coefficients: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-channel standard deviation over x of the stage's pre-activation with these
-    coefficients (the norm folded in; (C, d) conv parameters, or (C, 1) scales of a
-    frozen conv's output)."""
-    probe = copy.deepcopy(conv)
-    if kind == "projected":
-        probe.gamma.copy_(coefficients.to(probe.gamma.dtype))
-    elif kind == "plain":
-        probe.weight.copy_(coefficients.reshape_as(probe.weight).to(probe.weight.dtype))
-    std = _channel_stats(probe, x)[1].sqrt()  # a conv bias shifts, it does not spread
-    return std if kind is not None else std * coefficients[:, 0].abs()
+def channel_gains(stage: Stage) -> torch.Tensor:
+    """Per output channel, the norm of the stage's coefficients with the norm folded in:
+    how strongly the channel's pre-activation responds to its input."""
+    norm, conv = stage.norm, stage.conv
+    scale = (norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()).abs()
+    kind = _trainable(conv)
+    if kind is None:  # frozen kernels: the norm's scale is all that changes
+        return scale
+    weights = conv.gamma if kind == "projected" else conv.weight.flatten(1)
+    return scale * weights.double().norm(dim=1)
 
 
 @torch.no_grad()
 def _within_gain_bound(new: torch.Tensor, offset: torch.Tensor, prior: torch.Tensor, prior_offset: torch.Tensor,
-                       spread) -> tuple[torch.Tensor, torch.Tensor]:
+                       reference: torch.Tensor, spread_now: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A trust region per channel: a channel keeps its current coefficients (`prior`, the
-    norm folded in) and only moves its mean (`prior_offset`) where the fit would change
-    the spread of its output more than GAIN_BOUND times, or where that output is nearly
-    constant on the proxy. Such fits chase small target variations with a huge gain: a
-    colour-contrast stem channel of an ImageNet net gives ~0 on grey images, and its gain
-    grew to 1e5 over rounds, which made local SGD from the fused model diverge."""
-    now = spread(prior)
-    gain = spread(new) / now.clamp_min(1e-12)
-    near_constant = now < NEAR_CONSTANT * now.median().clamp_min(1e-12)
-    keep = near_constant | ~torch.isfinite(gain) | (gain > GAIN_BOUND) | (gain < 1 / GAIN_BOUND)
+    norm folded in) and only moves its mean (`prior_offset`) where the fitted gain leaves
+    [min/GAIN_BOUND, max*GAIN_BOUND] of the models' gains for that channel (`reference`),
+    or where its output is nearly constant on the proxy (`spread_now`). Such fits chase
+    small target variations with a huge gain: a colour-contrast stem channel of an
+    ImageNet net gives ~0 on grey images, its gain grew to 1e5 over rounds, and local SGD
+    from the fused model diverged. The models' gains, not the current (averaged) stage's,
+    are the reference: zero-shot, the average is what the fit has to repair."""
+    gain = new.norm(dim=1)
+    near_constant = spread_now < NEAR_CONSTANT * spread_now.median().clamp_min(1e-12)
+    low, high = reference.min(0).values / GAIN_BOUND, reference.max(0).values * GAIN_BOUND
+    keep = near_constant | ~torch.isfinite(gain) | (gain > high) | (gain < low)
     return (torch.where(keep[:, None], prior.to(new.dtype), new),
             torch.where(keep, prior_offset.to(offset.dtype), offset))
 
@@ -250,7 +256,8 @@ def fit_chain(chain: Chain, x: torch.Tensor, client_chains: list[Chain], client_
             pre = [c.stages[index].pre_activation(cx) for c, cx in zip(client_chains, client_x)]
             target = torch.stack(pre).mean(0)
             client_x = [c.stages[index].act(p) for c, p in zip(client_chains, pre)]
-        fit_stage(stage, x, target, ridge, seed + index)
+        fit_stage(stage, x, target, ridge, seed + index,
+                  reference=torch.stack([channel_gains(c.stages[index]) for c in client_chains]))
         if not last:
             x = stage(x)
     return True
