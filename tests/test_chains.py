@@ -80,14 +80,14 @@ def test_a_stem_fit_on_grey_images_keeps_colour_contrast_channels_and_bounds_gai
         current = stage.pre_activation(grey)
         target = current * 1.5 + 0.2  # a reachable change of gain and offset...
         target[:, 0] += 0.05 * torch.randn_like(target[:, 0])  # ...noise only a huge gain could chase
-        target[:, 1] *= 100  # far outside the trust region
+        target[:, 1] *= 1000  # far outside the trust region
         fit_stage(stage, grey, target)
         fitted = stage.pre_activation(grey)
     ratio = spread(fitted) / spread(current)
     live = spread(current) >= NEAR_CONSTANT * spread(current).median()
     assert not live[0] and spread(fitted)[0] < 1e-3  # still nearly constant...
     assert (fitted[:, 0].mean() - target[:, 0].mean()).abs() < 1e-3  # ...at the target's mean
-    assert ratio[1] == pytest.approx(1.0, rel=1e-3)  # a 100x gain is refused
+    assert ratio[1] == pytest.approx(1.0, rel=1e-3)  # a 1000x gain is refused
     others = live.clone()
     others[:2] = False
     # The others take their gain (the ridge, shrinking towards the current stage, holds
