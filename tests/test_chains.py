@@ -40,10 +40,9 @@ def test_a_chain_fit_recovers_a_reachable_block(projected_effnet):
     teacher = copy.deepcopy(block)
     torch.manual_seed(1)
     with torch.no_grad():
-        # Gains within the fit's trust region (chains.GAIN_BOUND)
-        teacher.conv_dw.gamma.mul_((1 + 0.3 * torch.randn_like(teacher.conv_dw.gamma)).clamp(0.5, 2))
+        teacher.conv_dw.gamma.mul_(1 + 0.3 * torch.randn_like(teacher.conv_dw.gamma))
         for norm in (teacher.bn1, teacher.bn2, teacher.bn3):
-            norm.weight.mul_((1 + 0.2 * torch.randn_like(norm.weight)).clamp(0.5, 2))
+            norm.weight.mul_(1 + 0.2 * torch.randn_like(norm.weight))
             norm.bias.add_(0.1 * torch.randn_like(norm.bias))
     x = torch.randn(64, block.conv_pw.in_channels, 8, 8)
     with torch.no_grad():
@@ -64,8 +63,8 @@ def test_fusing_identical_projected_efficientnets_returns_the_same_function(proj
     assert all(r["fit"].startswith("closed") for r in report["levels"])
 
 
-def test_a_stem_fit_on_grey_images_keeps_colour_contrast_channels_and_bounds_gains(projected_effnet):
-    from strategies.fusion.chains import GAIN_BOUND, NEAR_CONSTANT, channel_gains, fit_stage
+def test_a_stem_fit_on_grey_images_keeps_colour_contrast_channels(projected_effnet):
+    from strategies.fusion.chains import NEAR_CONSTANT, fit_stage
 
     stem = copy.deepcopy(conv_norm_chain(torch.nn.Sequential(projected_effnet.conv_stem, projected_effnet.bn1)))
     stage = stem.stages[0]
@@ -77,30 +76,22 @@ def test_a_stem_fit_on_grey_images_keeps_colour_contrast_channels_and_bounds_gai
     spread = lambda y: y.transpose(0, 1).flatten(1).std(1)  # noqa: E731
 
     with torch.no_grad():
+        gain_before = stage.norm.weight / (stage.norm.running_var + stage.norm.eps).sqrt()
         current = stage.pre_activation(grey)
         target = current * 1.5 + 0.2  # a reachable change of gain and offset...
         target[:, 0] += 0.05 * torch.randn_like(target[:, 0])  # ...noise only a huge gain could chase
-        target[:, 1] *= 1000  # far outside the trust region
         fit_stage(stage, grey, target)
         fitted = stage.pre_activation(grey)
-    ratio = spread(fitted) / spread(current)
+        gain_after = stage.norm.weight / (stage.norm.running_var + stage.norm.eps).sqrt()
     live = spread(current) >= NEAR_CONSTANT * spread(current).median()
     assert not live[0] and spread(fitted)[0] < 1e-3  # still nearly constant...
     assert (fitted[:, 0].mean() - target[:, 0].mean()).abs() < 1e-3  # ...at the target's mean
-    assert ratio[1] == pytest.approx(1.0, rel=1e-3)  # a 1000x gain is refused
-    others = live.clone()
-    others[:2] = False
+    assert gain_after[0].abs() < 2 * gain_before[0].abs() + 1  # and no runaway gain on it
     # The others take their gain (the ridge, shrinking towards the current stage, holds
     # back a few weak channels).
+    ratio = spread(fitted) / spread(current)
+    others = live.clone()
+    others[0] = False
     assert others.sum() > 20 and ratio[others].median() == pytest.approx(1.5, abs=0.01)
     assert ((ratio[others] > 1.1) & (ratio[others] < 1.6)).all()
     assert (fitted[:, others] - target[:, others]).pow(2).mean() < 1e-2 * target[:, others].pow(2).mean()
-    assert (ratio[live] <= GAIN_BOUND).all() and torch.isfinite(stage.norm.weight).all()
-
-    # Models whose gains are all 10x (the fused stage is a broken average, say): a 10x
-    # change is theirs, so the fit takes it.
-    with torch.no_grad():
-        current = stage.pre_activation(grey)
-        fit_stage(stage, grey, current * 10, reference=10 * channel_gains(stage)[None])
-        ratio = spread(stage.pre_activation(grey)) / spread(current)
-    assert ratio[others].median() == pytest.approx(10, rel=0.01)
