@@ -140,25 +140,25 @@ def fit_stage(stage: Stage, x: torch.Tensor, target: torch.Tensor, ridge: float 
     shift = torch.stack([(target[part].double() - stage.pre_activation(x[part]).double()).sum((0, 2, 3))
                          for part in _chunks(len(x), 64)]).sum(0) / (target[:, 0].numel())
     spread_now = scale_now.abs() * _channel_stats(conv, x)[1].sqrt()
-    bound = partial(_keep_near_constant, prior_offset=offset_now + shift, spread_now=spread_now)
+    keep_near_constant = partial(_keep_near_constant, prior_offset=offset_now + shift, spread_now=spread_now)
     if kind == "projected":
         old = conv.gamma.double()
         prior = torch.cat([scale_now[:, None] * old, offset_now[:, None]], 1)[..., None]
         solution = ridge_solution(lambda a, b: _projected_conv_equations(work, a, b, bias=True), x, target, ridge,
                                   seed, prior, standardise=True)
         new, offset = solution[:, :-1, 0], solution[:, -1, 0]
-        new, offset = bound(new, offset, scale_now[:, None] * old)
+        new, offset = keep_near_constant(new, offset, scale_now[:, None] * old)
     elif kind == "plain":
         old = conv.weight.double().flatten(1)
         prior = torch.cat([(scale_now[:, None] * old).T, offset_now[None]])
         solution = ridge_solution(lambda a, b: _conv_equations(work, a, b, bias=True), x, target, ridge, seed, prior, standardise=True)
         new, offset = solution[:-1].T, solution[-1]  # (C, d), (C,)
-        new, offset = bound(new, offset, scale_now[:, None] * old)
+        new, offset = keep_near_constant(new, offset, scale_now[:, None] * old)
     else:
         prior = torch.stack([scale_now, offset_now], 1)[..., None]
         solution = ridge_solution(lambda a, b: _frozen_equations(work, a, b), x, target, ridge, seed, prior, standardise=True)
         scale, offset = solution[:, 0, 0], solution[:, 1, 0]
-        scale, offset = bound(scale[:, None], offset, scale_now[:, None])
+        scale, offset = keep_near_constant(scale[:, None], offset, scale_now[:, None])
         scale = scale[:, 0]
     if kind is not None:
         # Keep each channel's kernel norm (the scale SGD sees); the norm takes the rest.
