@@ -45,11 +45,12 @@ def run_grid(config: str, out: str, limit: int | None = None, quiet: bool = Fals
     if only:
         # A slice of the grid (one model, one seed...): several machines or sessions can
         # share one grid directory, each running its own part.
-        unknown = [p for p in only if not any(fnmatch.fnmatchcase(r.run_id, p) for r in grid.runs)]
+        matched = {p: {r.run_id for r in grid.runs if fnmatch.fnmatchcase(r.run_id, p)} for p in only}
+        unknown = [p for p, ids in matched.items() if not ids]
         if unknown:
             raise ValueError(f"--only {' '.join(unknown)} matches no run of {config}; run ids look like "
                              f"{grid.runs[-1].run_id}")
-        selected = [r for r in grid.runs if any(fnmatch.fnmatchcase(r.run_id, p) for p in only)]
+        selected = [r for r in grid.runs if any(r.run_id in ids for ids in matched.values())]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "grid.json").write_text(json.dumps({"config": grid.source, "runs": [r.run_id for r in grid.runs],

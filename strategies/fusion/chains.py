@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -136,30 +135,33 @@ def fit_stage(stage: Stage, x: torch.Tensor, target: torch.Tensor, ridge: float 
     offset_now = norm.bias.double() - scale_now * norm.running_mean.double()
     if kind is not None and conv.bias is not None:  # trainable convs are solved without their bias
         offset_now = offset_now + scale_now * conv.bias.double()
-    # What a channel kept as it is (_keep_near_constant) still takes: its mean's shift to the target's.
-    shift = torch.stack([(target[part].double() - stage.pre_activation(x[part]).double()).sum((0, 2, 3))
-                         for part in _chunks(len(x), 64)]).sum(0) / (target[:, 0].numel())
-    spread_now = scale_now.abs() * _channel_stats(conv, x)[1].sqrt()
-    keep_near_constant = partial(_keep_near_constant, prior_offset=offset_now + shift, spread_now=spread_now)
     if kind == "projected":
         old = conv.gamma.double()
-        prior = torch.cat([scale_now[:, None] * old, offset_now[:, None]], 1)[..., None]
+        coefficients_now = scale_now[:, None] * old
+        prior = torch.cat([coefficients_now, offset_now[:, None]], 1)[..., None]
         solution = ridge_solution(lambda a, b: _projected_conv_equations(work, a, b, bias=True), x, target, ridge,
                                   seed, prior, standardise=True)
         new, offset = solution[:, :-1, 0], solution[:, -1, 0]
-        new, offset = keep_near_constant(new, offset, scale_now[:, None] * old)
     elif kind == "plain":
         old = conv.weight.double().flatten(1)
-        prior = torch.cat([(scale_now[:, None] * old).T, offset_now[None]])
+        coefficients_now = scale_now[:, None] * old
+        prior = torch.cat([coefficients_now.T, offset_now[None]])
         solution = ridge_solution(lambda a, b: _conv_equations(work, a, b, bias=True), x, target, ridge, seed, prior, standardise=True)
         new, offset = solution[:-1].T, solution[-1]  # (C, d), (C,)
-        new, offset = keep_near_constant(new, offset, scale_now[:, None] * old)
     else:
+        coefficients_now = scale_now[:, None]
         prior = torch.stack([scale_now, offset_now], 1)[..., None]
         solution = ridge_solution(lambda a, b: _frozen_equations(work, a, b), x, target, ridge, seed, prior, standardise=True)
-        scale, offset = solution[:, 0, 0], solution[:, 1, 0]
-        scale, offset = keep_near_constant(scale[:, None], offset, scale_now[:, None])
-        scale = scale[:, 0]
+        new, offset = solution[:, :1, 0], solution[:, 1, 0]  # (C, 1) scales, (C,)
+    # The stage's current output statistics give both the channels to keep as they are and
+    # what such a channel still takes: its mean's shift to the target's.
+    conv_mean, conv_var = _channel_stats(conv, x)
+    mean_now = scale_now * conv_mean + norm.bias.double() - scale_now * norm.running_mean.double()
+    shift = target.double().mean((0, 2, 3)) - mean_now
+    new, offset = _keep_near_constant(new, offset, coefficients_now, offset_now + shift,
+                                      spread_now=scale_now.abs() * conv_var.sqrt())
+    if kind is None:
+        scale = new[:, 0]
     if kind is not None:
         # Keep each channel's kernel norm (the scale SGD sees); the norm takes the rest.
         ratio = old.norm(dim=1) / new.norm(dim=1).clamp_min(1e-12)
