@@ -15,7 +15,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from clients import faults, runtime
-from clients.local_update import local_update
+from clients.local_update import check_candidates, local_update
 from clients.task import TrainTask
 
 app = ClientApp()
@@ -62,6 +62,19 @@ def train(msg: Message, context: Context) -> Message:
     if update.class_counts is not None:
         content["class-counts"] = MetricRecord({"counts": update.class_counts})
     return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def check(msg: Message, context: Context) -> Message:
+    """Fusion's model check: the loss of each candidate global model (fused, averaged) on
+    a sample of this client's shard, so the server sends out the one the federation's
+    own objective prefers."""
+    config = msg.content["config"]
+    task = TrainTask.from_config(config)
+    runtime.configure_threads(task.client_cpus)
+    candidates = {name: {k: v.numpy() for k, v in record.items()} for name, record in msg.content.array_records.items()}
+    metrics = check_candidates(task, partition_id(context), candidates, int(config["check-samples"]))
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def _arrays(tensors: dict) -> ArrayRecord:

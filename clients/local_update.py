@@ -26,6 +26,19 @@ def _initial_model(task: TrainTask, num_classes: int) -> torch.nn.Module:
     return task.build_model(num_classes)
 
 
+def _model_from(task: TrainTask, num_classes: int, state: dict[str, np.ndarray]) -> torch.nn.Module:
+    model = copy.deepcopy(_initial_model(replace(task, server_round=0), num_classes))
+    models.load_exchanged_state(model, state)
+    return model
+
+
+def _client_federation(task: TrainTask, partition_id: int):
+    federation = build_federation(task.federation)
+    if not 0 <= partition_id < len(federation.client_indices):
+        raise ValueError(f"partition {partition_id} does not exist: the federation has {task.federation.clients} clients")
+    return federation
+
+
 @dataclass
 class ClientUpdate:
     state: dict[str, np.ndarray]  # the exchanged tensors after local training
@@ -38,11 +51,8 @@ def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.
     """Train on the shard; for fusion, also score every level's neurons on it (the labels
     never leave the client: only one number per neuron does)."""
     device = runtime.pick_device()
-    federation = build_federation(task.federation)
-    if not 0 <= partition_id < len(federation.client_indices):
-        raise ValueError(f"partition {partition_id} does not exist: the federation has {task.federation.clients} clients")
-    model = copy.deepcopy(_initial_model(replace(task, server_round=0), federation.num_classes))
-    models.load_exchanged_state(model, global_state)
+    federation = _client_federation(task, partition_id)
+    model = _model_from(task, federation.num_classes, global_state)
     images, labels = federation.client_data(partition_id)
     # A distinct, reproducible shuffle per (seed, round, client).
     seed = zlib.crc32(f"{task.federation.seed}/{task.server_round}/{partition_id}".encode())
@@ -74,3 +84,21 @@ def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.
     if task.share_class_counts:
         update.class_counts = np.bincount(labels, minlength=federation.num_classes).astype(int).tolist()
     return update
+
+
+def check_candidates(task: TrainTask, partition_id: int, candidates: dict[str, dict[str, np.ndarray]],
+                     samples: int) -> dict:
+    """Fusion's model check on this client: the loss and accuracy of each candidate global
+    model on a seeded sample of at most `samples` of the shard's examples. Only these
+    numbers leave the client."""
+    device = runtime.pick_device()
+    federation = _client_federation(task, partition_id)
+    images, labels = federation.client_data(partition_id)
+    seed = zlib.crc32(f"{task.federation.seed}/{task.server_round}/{partition_id}/check".encode())
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(labels))[:samples])
+    loader = BatchLoader(images[chosen], labels[chosen], task.input_spec(federation.data), 250, device=device)
+    metrics = {"num-examples": len(chosen), "partition-id": partition_id}
+    for name, state in candidates.items():
+        result = training.evaluate(_model_from(task, federation.num_classes, state), loader, device)
+        metrics[f"{name}-loss"], metrics[f"{name}-accuracy"] = result["loss"], result["accuracy"]
+    return metrics

@@ -15,6 +15,7 @@ from clients.task import TrainTask
 from data import FederationSpec
 from data.federation import fields_from_mapping
 from strategies.fusion.attribution import METHODS as ATTRIBUTION_METHODS
+from strategies.neuron_fusion import CHECKS as FUSION_CHECKS
 
 MIN_FUSION_PROXY = 32
 
@@ -47,6 +48,8 @@ class RunSettings:
     attribution: str = "gradxact"  # fusion's neuron scores: uniform, gradxact, conductance
     attribution_samples: int = 256
     share_class_counts: bool = True  # fusion: clients send their class histogram (head targets)
+    fusion_check: str = "clients"  # fused vs averaged model: clients' accuracy, proxy agreement, or off
+    check_samples: int = 500  # fusion check "clients": examples per client
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     ray_address: str = ""
@@ -129,6 +132,9 @@ class RunSettings:
         if self.attribution not in ATTRIBUTION_METHODS:
             raise SettingsError(f"--attribution must be one of {', '.join(ATTRIBUTION_METHODS)}, got '{self.attribution}'")
         _positive_int("--attribution-samples", self.attribution_samples)
+        if self.fusion_check not in FUSION_CHECKS:
+            raise SettingsError(f"--fusion-check must be one of {', '.join(FUSION_CHECKS)}, got '{self.fusion_check}'")
+        _positive_int("--check-samples", self.check_samples)
         if not (math.isfinite(self.client_failure_rate) and 0.0 <= self.client_failure_rate < 1.0):
             raise SettingsError(f"--client-failure-rate must be in [0, 1), got {self.client_failure_rate}")
         if not (0 <= self.poison_clients <= self.federation.clients) or int(self.poison_clients) != self.poison_clients:

@@ -28,6 +28,8 @@ BAD_INPUTS = [
     (["--model", "timm:resnet18", "--weights", "/nonexistent.pth"], "--weights /nonexistent.pth does not exist"),
     (["--model", "simple-cnn", "--resolution", "64"], "simple-cnn takes 28x28 input"),
     (["--strategy", "fusion", "--attribution", "saliency"], "--attribution must be one of"),
+    (["--strategy", "fusion", "--fusion-check", "loss"], "--fusion-check must be one of clients, proxy, off"),
+    (["--strategy", "fusion", "--check-samples", "0"], "--check-samples must be a positive whole number"),
     (["--strategy", "fusion", "--proxy-size", "8"], "--proxy-size must be at least 32"),
     (["--client-failure-rate", "1.0"], "--client-failure-rate must be in [0, 1)"),
     (["--poison-clients", "11"], "--poison-clients must be a whole number from 0 to --clients"),

@@ -12,7 +12,7 @@ import data
 import models
 import strategies
 from clients import training
-from clients.local_update import local_update
+from clients.local_update import check_candidates, local_update
 from clients.task import TrainTask
 
 SPEC = data.FederationSpec(dataset="mnist-5k", clients=4, proxy_size=256, seed=0)
@@ -49,10 +49,36 @@ def _message(partition: int, update, **drop) -> Message:
     return Message(content, reply_to=request)
 
 
-def _strategy(template, proxy, attribution="gradxact", name="fusion"):
-    strategy = strategies.build(name, template=template, proxy=proxy, attribution=attribution, num_classes=10)
+class ClientsGrid:
+    """Answers fusion's check as the ClientApp does (node 1000 + p holds partition p),
+    with the clients' own code; `broken` partitions report a NaN loss."""
+
+    def __init__(self, broken=()):
+        self.broken, self.sent = set(broken), []
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            partition, config = msg.metadata.dst_node_id - 1000, msg.content["config"]
+            candidates = {name: {k: v.numpy() for k, v in record.items()}
+                          for name, record in msg.content.array_records.items()}
+            metrics = check_candidates(TrainTask.from_config(config), partition, candidates,
+                                       int(config["check-samples"]))
+            if partition in self.broken:
+                metrics["fusion-loss"] = float("nan")
+            replies.append(Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg))
+        return replies
+
+
+def _strategy(template, proxy, attribution="gradxact", name="fusion", grid=None, **options):
+    strategy = strategies.build(name, template=template, proxy=proxy, attribution=attribution, num_classes=10,
+                                **options)
     state = models.exchanged_state(template)
     strategy._expected, strategy._global = {k: (v.shape, v.dtype) for k, v in state.items()}, state
+    # What configure_train would have kept for the check: the grid and the clients' task.
+    strategy._grid = ClientsGrid() if grid is None else grid
+    strategy._task_config = TrainTask(federation=SPEC).to_config()
     return strategy
 
 
@@ -67,7 +93,13 @@ def test_fusion_of_client_updates_beats_their_average(round_one):
     replies = [_message(p, u) for p, u in enumerate(updates)]
     strategy = _strategy(template, proxy)
     fused, _ = strategy.aggregate_train(1, replies)
-    assert strategy.current.extra["selected"] == "fusion"
+    extra = strategy.current.extra
+    # The clients measured both candidates on their own examples and preferred fusion.
+    assert extra["selected"] == "fusion" and extra["check_accuracy_fusion"] > extra["check_accuracy_average"]
+    shard_sizes = [u.metrics["num-examples"] for u in updates]
+    assert extra["check_examples"] == sum(min(500, n) for n in shard_sizes)
+    assert len(strategy._grid.sent) == 4  # one check message per client, both candidates in it
+    assert strategy.current.bytes_down == 2 * 4 * fused.count_bytes()
     averaged, _ = _strategy(template, proxy, name="fedavg").aggregate_train(
         1, [_message(p, u, attributions=1, **{"class-counts": 1}) for p, u in enumerate(updates)])
     best_client = max(training.evaluate(_load(template, u.state), test)["accuracy"] for u in updates)
@@ -115,25 +147,56 @@ def test_uniform_fusion_takes_replies_without_attributions(round_one):
     assert _accuracy(template, arrays, test) > 0.5
 
 
-def test_the_average_goes_out_when_it_agrees_better_with_the_clients(round_one, monkeypatch, caplog):
+def _broken_fusion(client_models, *args, **kwargs):
+    """A fused model that predicts one class."""
+    model = copy.deepcopy(client_models[0])
+    with torch.no_grad():
+        model[-1].weight.zero_()
+        model[-1].bias.copy_(torch.arange(10.0))
+    level = {"kind": "head", "moved": 0.0, "loss_before": 1.0, "loss_after": 1.0, "fit": "closed"}
+    return model, {"levels": [level], "seconds": 0.1}
+
+
+@pytest.mark.parametrize("check, says", [("clients", "more accurate"), ("proxy", "agrees better")])
+def test_the_average_goes_out_when_the_check_prefers_it(round_one, monkeypatch, caplog, check, says):
     template, proxy, test, updates = round_one
-
-    def broken_fusion(client_models, *args, **kwargs):  # a fused model that predicts one class
-        model = copy.deepcopy(client_models[0])
-        with torch.no_grad():
-            model[-1].weight.zero_()
-            model[-1].bias.copy_(torch.arange(10.0))
-        level = {"kind": "head", "moved": 0.0, "loss_before": 1.0, "loss_after": 1.0, "fit": "closed"}
-        return model, {"levels": [level], "seconds": 0.1}
-
-    monkeypatch.setattr("strategies.neuron_fusion.fuse", broken_fusion)
-    strategy = _strategy(template, proxy)
+    monkeypatch.setattr("strategies.neuron_fusion.fuse", _broken_fusion)
+    strategy = _strategy(template, proxy, fusion_check=check)
     with caplog.at_level(logging.WARNING, logger="flwr"):  # simulate() quiets flwr to ERROR
         arrays, _ = strategy.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
     extra = strategy.current.extra
-    assert extra["selected"] == "average" and extra["agreement_average"] > extra["agreement_fusion"]
-    assert any("agrees better" in r.message for r in caplog.records)
+    assert extra["selected"] == "average"
+    measured = "check_accuracy" if check == "clients" else "agreement"
+    assert extra[f"{measured}_average"] > extra[f"{measured}_fusion"]
+    assert any(says in r.message for r in caplog.records)
     weights = np.array([u.metrics["num-examples"] for u in updates], dtype=np.float64)
     for name, value in arrays.items():  # FedAvg's example-weighted mean
         expected = sum(w * u.state[name] for w, u in zip(weights / weights.sum(), updates))
         assert np.allclose(value.numpy(), expected, atol=1e-5)
+
+
+def test_the_check_ignores_broken_client_reports_and_without_any_sends_the_average(round_one, caplog):
+    template, proxy, test, updates = round_one
+    replies = [_message(p, u) for p, u in enumerate(updates)]
+    strategy = _strategy(template, proxy, grid=ClientsGrid(broken={1}))
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy.aggregate_train(1, replies)
+    extra = strategy.current.extra
+    assert extra["check_examples"] == sum(min(500, u.metrics["num-examples"]) for i, u in enumerate(updates) if i != 1)
+    assert np.isfinite(extra["check_loss_fusion"]) and extra["selected"] == "fusion"
+    assert sum("ignoring the reply" in r.message for r in caplog.records) == 1
+
+    strategy = _strategy(template, proxy, grid=ClientsGrid(broken=range(4)))
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy.aggregate_train(1, replies)
+    assert strategy.current.extra["selected"] == "average"
+    assert any("no client reported" in r.message for r in caplog.records)
+
+
+def test_check_off_always_sends_the_fused_model(round_one, monkeypatch):
+    template, proxy, test, updates = round_one
+    monkeypatch.setattr("strategies.neuron_fusion.fuse", _broken_fusion)
+    strategy = _strategy(template, proxy, fusion_check="off")
+    arrays, _ = strategy.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
+    assert strategy.current.extra["selected"] == "fusion" and not strategy._grid.sent
+    assert _accuracy(template, arrays, test) < 0.2

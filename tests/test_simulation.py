@@ -118,6 +118,8 @@ def test_fusion_simulation_learns_and_shares_two_logical_gpus(tmp_path):
         assert m["clients_used"] == 4 and m["fusion_s"] > 0 and m["levels_reverted"] < levels
         assert len(m["fit_loss_after"]) == levels
         assert all(a <= b for a, b in zip(m["fit_loss_after"], m["fit_loss_before"]))
+        # The check ran on the clients (the ClientApp's evaluate handler, through Ray).
+        assert m["check_examples"] > 0 and 0 <= m["check_accuracy_fusion"] <= 1
     clients = read_jsonl(run / "clients.jsonl")
     assert all(c["attribution_s"] > 0 for c in clients)
     by_gpu: dict[str, list] = {}
