@@ -95,3 +95,31 @@ def test_a_stem_fit_on_grey_images_keeps_colour_contrast_channels(projected_effn
     assert others.sum() > 20 and ratio[others].median() == pytest.approx(1.5, abs=0.01)
     assert ((ratio[others] > 1.1) & (ratio[others] < 1.6)).all()
     assert (fitted[:, others] - target[:, others]).pow(2).mean() < 1e-2 * target[:, others].pow(2).mean()
+
+
+def test_levels_with_frozen_kernels_are_matched_channel_to_channel(projected_effnet):
+    other = copy.deepcopy(projected_effnet)
+    torch.manual_seed(3)
+    with torch.no_grad():  # another client: its trainable scales moved
+        for m in other.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.mul_(1 + 0.3 * torch.randn_like(m.weight))
+    _, report = fuse([projected_effnet, other], [torch.randn(32, 3, 32, 32)])
+    by_kind = {(r["kind"], r["init"]) for r in report["levels"]}
+    # Every block ends in a frozen 1x1 conv: its channel c is one filter in both models.
+    assert by_kind == {("stem", "fused"), ("block", "identity"), ("head", "classes")}
+    assert all(r["moved"] == 0 for r in report["levels"] if r["init"] == "identity")
+
+
+def test_fixed_channel_targets_are_the_attribution_weighted_channel_means():
+    from strategies.fusion.matching import match_level
+
+    torch.manual_seed(4)
+    a, b, fused = torch.randn(8, 3, 2, 2), torch.randn(8, 3, 2, 2), torch.randn(8, 3, 2, 2)
+    scores = [torch.tensor([1.0, 3.0, 0.0]), torch.tensor([3.0, 1.0, 0.0])]
+    matching = match_level([a, b], scores, fused, fixed_channels=True)
+    # Weights are normalised per model to mean 1: model a (1, 3, 0) * 3/4, model b (3, 1, 0) * 3/4.
+    assert torch.allclose(matching.targets[:, 0], (a[:, 0] + 3 * b[:, 0]) / 4, atol=1e-6)
+    assert torch.allclose(matching.targets[:, 1], (3 * a[:, 1] + b[:, 1]) / 4, atol=1e-6)
+    assert torch.equal(matching.targets[:, 2], fused[:, 2])  # no weight anywhere: it keeps its output
+    assert matching.moved == 0 and matching.init == "identity"

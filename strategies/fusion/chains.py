@@ -46,6 +46,12 @@ class Chain:
     stages: list[Stage]
     skip: bool  # output = last stage + input
 
+    @property
+    def fixed_channels(self) -> bool:
+        """The last conv's kernels are frozen (a projected net's 1x1 convs): its output
+        channel c is the same filter in every model, so matching has nothing to permute."""
+        return _trainable(self.stages[-1].conv) is None
+
     def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Pre-activation output of every stage."""
         pre = []

@@ -184,7 +184,8 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
                     values = [conv_norm_chain(lv.module).outputs(p)[-1] for lv, p in zip(client_levels, probe_ins)]
                     fused_values = chain.outputs(fused_probe_in)[-1]
             matching = match_level(client_acts, scores, current, max_dim=max_dim, seed=seed + index,
-                                   fresh_start=restarts and _free_layer(level.probe), values=values, fused_values=fused_values)
+                                   fresh_start=restarts and _free_layer(level.probe), values=values,
+                                   fused_values=fused_values, fixed_channels=chain is not None and chain.fixed_channels)
             matched, matching_cost, moved, init = matching.targets, matching.cost, matching.moved, matching.init
             targets = matched if values is None else _apply_activation(chain, matched)
 
