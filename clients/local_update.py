@@ -89,15 +89,16 @@ def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.
 def check_candidates(task: TrainTask, partition_id: int, candidates: dict[str, dict[str, np.ndarray]],
                      samples: int) -> dict:
     """Fusion's model check on this client: the loss and accuracy of each candidate global
-    model on a seeded sample of at most `samples` of the shard's examples. Only these
-    numbers leave the client."""
+    model on a seeded sample of at most `samples` of the shard's examples, and the shard's
+    size. Only these numbers leave the client."""
     device = runtime.pick_device()
     federation = _client_federation(task, partition_id)
     images, labels = federation.client_data(partition_id)
     seed = zlib.crc32(f"{task.federation.seed}/{task.server_round}/{partition_id}/check".encode())
     chosen = np.sort(np.random.default_rng(seed).permutation(len(labels))[:samples])
     loader = BatchLoader(images[chosen], labels[chosen], task.input_spec(federation.data), 250, device=device)
-    metrics = {"num-examples": len(chosen), "partition-id": partition_id}
+    # The server weighs each client's figures by its shard: the sample stands for all of it.
+    metrics = {"num-examples": len(labels), "checked-examples": len(chosen), "partition-id": partition_id}
     for name, state in candidates.items():
         result = training.evaluate(_model_from(task, federation.num_classes, state), loader, device)
         metrics[f"{name}-loss"], metrics[f"{name}-accuracy"] = result["loss"], result["accuracy"]

@@ -46,8 +46,9 @@ class NeuronFusion(RecordedRounds, FedAvg):
 
     `check`: "clients" asks the clients that sent the updates for the accuracy and loss
     of both candidates on `check_samples` of their own examples, and keeps the one with
-    the higher example-weighted accuracy, the lower loss breaking ties (one extra message
-    per client: two models down, five numbers up; labels stay with the clients). "proxy"
+    the higher accuracy over the clients' shards (each weighed by its size), the lower
+    loss breaking ties (one extra message per client: two models down, six numbers up;
+    labels stay with the clients). "proxy"
     keeps a fifth of the proxy set out of the fit and prefers the candidate that agrees
     better with the clients' output ensemble there: no extra messages, but the ensemble
     is its reference, and once the clients' ensemble falls below their average (small
@@ -148,7 +149,12 @@ class NeuronFusion(RecordedRounds, FedAvg):
                             message_type=MessageType.EVALUATE) for msg in valid]
         replies = self._grid.send_and_receive(messages, timeout=CHECK_TIMEOUT) if self._grid is not None else []
         record.bytes_down += sum(a.count_bytes() for a in arrays.values()) * len(messages)
+        # Each client's sample stands for its whole shard: weighed by the shard's size, the
+        # figures estimate accuracy over the union of the shards. (Weighed by the sample
+        # sizes, small shards counted as much as large ones: at Dirichlet 0.1 that rated a
+        # fused model 0.77 whose accuracy over the shards was 0.69, and 0.68 on the test set.)
         totals = {name: np.zeros(3) for name in candidates}  # examples, loss sum, correct sum
+        checked = 0
         for reply in replies:
             problem = _check_reply_problem(reply, candidates)
             if problem is not None:
@@ -156,10 +162,11 @@ class NeuronFusion(RecordedRounds, FedAvg):
                     server_round, reply.metadata.src_node_id, problem)
                 continue
             m = reply.content["metrics"]
+            checked += int(m["checked-examples"])
             for name in candidates:
                 totals[name] += m["num-examples"] * np.array([1.0, m[f"{name}-loss"], m[f"{name}-accuracy"]])
         examples = totals["fusion"][0]
-        figures = {"check_s": time.perf_counter() - started, "check_examples": int(examples)}
+        figures = {"check_s": time.perf_counter() - started, "check_examples": checked}
         if examples == 0:
             log(WARNING, "round %d: fusion check: no client reported, the weighted average goes out", server_round)
             return "average", figures
@@ -183,8 +190,9 @@ def _check_reply_problem(reply: Message, candidates: dict) -> str | None:
     if "metrics" not in reply.content.metric_records:
         return "it has no metrics"
     m = reply.content["metrics"]
-    keys = ["num-examples"] + [f"{name}-{what}" for name in candidates for what in ("loss", "accuracy")]
-    if any(key not in m or not math.isfinite(float(m[key])) for key in keys) or m["num-examples"] <= 0:
+    keys = ["num-examples", "checked-examples"] + [f"{name}-{what}" for name in candidates
+                                                   for what in ("loss", "accuracy")]
+    if any(key not in m or not math.isfinite(float(m[key])) for key in keys) or m["checked-examples"] <= 0:
         return f"it needs finite {', '.join(keys)} and at least one example"
     return None
 

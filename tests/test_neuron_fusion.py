@@ -200,3 +200,32 @@ def test_check_off_always_sends_the_fused_model(round_one, monkeypatch):
     arrays, _ = strategy.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
     assert strategy.current.extra["selected"] == "fusion" and not strategy._grid.sent
     assert _accuracy(template, arrays, test) < 0.2
+
+
+class ScriptedGrid:
+    """Clients that report given check figures: {partition: (shard, fusion acc, average acc)}."""
+
+    def __init__(self, reports):
+        self.reports = reports
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            shard, fusion, average = self.reports[msg.metadata.dst_node_id - 1000]
+            metrics = {"num-examples": shard, "checked-examples": 100, "fusion-accuracy": fusion,
+                       "average-accuracy": average, "fusion-loss": 1.0, "average-loss": 1.0}
+            replies.append(Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg))
+        return replies
+
+
+def test_the_check_weighs_each_client_by_its_shard_not_its_sample(round_one):
+    template, proxy, test, updates = round_one
+    # A large shard where fusion is right, small ones where the average is: over the
+    # union of the shards fusion is the more accurate, though it loses on 3 of 4 samples.
+    reports = {0: (5000, 0.9, 0.5), 1: (100, 0.0, 1.0), 2: (100, 0.0, 1.0), 3: (100, 0.0, 1.0)}
+    strategy = _strategy(template, proxy, grid=ScriptedGrid(reports))
+    strategy.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
+    extra = strategy.current.extra
+    assert extra["selected"] == "fusion" and extra["check_examples"] == 400
+    assert extra["check_accuracy_fusion"] == pytest.approx(0.9 * 5000 / 5300)
+    assert extra["check_accuracy_average"] == pytest.approx((0.5 * 5000 + 300) / 5300)
