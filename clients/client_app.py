@@ -66,14 +66,15 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def check(msg: Message, context: Context) -> Message:
-    """Fusion's model check: the loss of each candidate global model (fused, averaged) on
-    a sample of this client's shard, so the server sends out the one the federation's
-    own objective prefers."""
+    """Fusion's model check: the accuracy and loss of each candidate global model (fused,
+    averaged) on a sample of this client's shard, so the server sends out the better one,
+    the fused one with its logits' temperature fitted to the clients' data."""
     config = msg.content["config"]
     task = TrainTask.from_config(config)
     runtime.configure_threads(task.client_cpus)
     candidates = {name: {k: v.numpy() for k, v in record.items()} for name, record in msg.content.array_records.items()}
-    metrics = check_candidates(task, partition_id(context), candidates, int(config["check-samples"]))
+    metrics = check_candidates(task, partition_id(context), candidates, int(config["check-samples"]),
+                               [float(t) for t in config["check-temperatures"]])
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -87,10 +87,11 @@ def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.
 
 
 def check_candidates(task: TrainTask, partition_id: int, candidates: dict[str, dict[str, np.ndarray]],
-                     samples: int) -> dict:
-    """Fusion's model check on this client: the loss and accuracy of each candidate global
-    model on a seeded sample of at most `samples` of the shard's examples, and the shard's
-    size. Only these numbers leave the client."""
+                     samples: int, temperatures: list[float] = (1.0,)) -> dict:
+    """Fusion's model check on this client: the accuracy of each candidate global model
+    on a seeded sample of at most `samples` of the shard's examples, its mean
+    cross-entropy with the logits divided by each of `temperatures` (a list per
+    candidate), and the shard's size. Only these numbers leave the client."""
     device = runtime.pick_device()
     federation = _client_federation(task, partition_id)
     images, labels = federation.client_data(partition_id)
@@ -100,6 +101,7 @@ def check_candidates(task: TrainTask, partition_id: int, candidates: dict[str, d
     # The server weighs each client's figures by its shard: the sample stands for all of it.
     metrics = {"num-examples": len(labels), "checked-examples": len(chosen), "partition-id": partition_id}
     for name, state in candidates.items():
-        result = training.evaluate(_model_from(task, federation.num_classes, state), loader, device)
-        metrics[f"{name}-loss"], metrics[f"{name}-accuracy"] = result["loss"], result["accuracy"]
+        logits, targets = training.predict(_model_from(task, federation.num_classes, state), loader, device)
+        metrics[f"{name}-accuracy"] = float((logits.argmax(1) == targets).double().mean())
+        metrics[f"{name}-losses"] = [float(torch.nn.functional.cross_entropy(logits / t, targets)) for t in temperatures]
     return metrics

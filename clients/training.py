@@ -63,6 +63,14 @@ def evaluate(model: nn.Module, loader, device: str | torch.device = "cpu") -> di
 
 
 @torch.no_grad()
+def predict(model: nn.Module, loader, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and labels of `loader`, on the CPU."""
+    model.to(device, memory_format=torch.channels_last).eval()
+    batches = [(model(inputs).cpu(), labels.cpu()) for inputs, labels in loader]
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+@torch.no_grad()
 def ensemble_accuracy(models: list[nn.Module], loader) -> float:
     """Accuracy of the output ensemble: the class with the highest mean softmax."""
     correct = seen = 0

@@ -64,9 +64,9 @@ class ClientsGrid:
             candidates = {name: {k: v.numpy() for k, v in record.items()}
                           for name, record in msg.content.array_records.items()}
             metrics = check_candidates(TrainTask.from_config(config), partition, candidates,
-                                       int(config["check-samples"]))
+                                       int(config["check-samples"]), list(config["check-temperatures"]))
             if partition in self.broken:
-                metrics["fusion-loss"] = float("nan")
+                metrics["fusion-losses"] = [float("nan")] * len(metrics["fusion-losses"])
             replies.append(Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg))
         return replies
 
@@ -212,8 +212,9 @@ class ScriptedGrid:
         replies = []
         for msg in messages:
             shard, fusion, average = self.reports[msg.metadata.dst_node_id - 1000]
+            count = len(msg.content["config"]["check-temperatures"])
             metrics = {"num-examples": shard, "checked-examples": 100, "fusion-accuracy": fusion,
-                       "average-accuracy": average, "fusion-loss": 1.0, "average-loss": 1.0}
+                       "average-accuracy": average, "fusion-losses": [1.0] * count, "average-losses": [1.0] * count}
             replies.append(Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg))
         return replies
 
@@ -229,3 +230,28 @@ def test_the_check_weighs_each_client_by_its_shard_not_its_sample(round_one):
     assert extra["selected"] == "fusion" and extra["check_examples"] == 400
     assert extra["check_accuracy_fusion"] == pytest.approx(0.9 * 5000 / 5300)
     assert extra["check_accuracy_average"] == pytest.approx((0.5 * 5000 + 300) / 5300)
+
+
+def test_an_overconfident_fused_model_goes_out_temperature_scaled(round_one, monkeypatch):
+    from strategies.fusion import fuse
+
+    template, proxy, test, updates = round_one
+    sharpened = {}
+
+    def overconfident_fusion(*args, **kwargs):  # the real fusion, its logits x 10
+        fused, report = fuse(*args, **kwargs)
+        with torch.no_grad():
+            fused[-1].weight.mul_(10)
+            fused[-1].bias.mul_(10)
+        sharpened.update({k: v.clone() for k, v in fused[-1].state_dict().items()})
+        return fused, report
+
+    monkeypatch.setattr("strategies.neuron_fusion.fuse", overconfident_fusion)
+    strategy = _strategy(template, proxy)
+    arrays, _ = strategy.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
+    extra = strategy.current.extra
+    assert extra["selected"] == "fusion" and extra["fusion_temperature"] >= 4
+    assert extra["check_loss_fusion"] < 0.8 * extra["check_loss_fusion_unscaled"]
+    sent = _load(template, {k: v.numpy() for k, v in arrays.items()})
+    assert torch.allclose(sent[-1].weight, sharpened["weight"] / extra["fusion_temperature"], atol=1e-6)
+    assert torch.allclose(sent[-1].bias, sharpened["bias"] / extra["fusion_temperature"], atol=1e-6)
