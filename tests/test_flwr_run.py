@@ -37,3 +37,6 @@ def test_flwr_run_writes_the_same_run_directory(tmp_path, strategy):
     assert summary["rounds"] == 2 and summary["clients"] == 4
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.3
     assert len((out / "clients.jsonl").read_text().splitlines()) == 8
+    if strategy == "fusion":  # the check's messages went through Flower's runner too
+        rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["check_examples"] > 0 for r in rounds)
