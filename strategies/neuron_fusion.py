@@ -47,18 +47,17 @@ class NeuronFusion(RecordedRounds, FedAvg):
     weighted average of the same updates, and send the better one out next round (the
     round's record says which).
 
-    `check`: "clients" asks the clients that sent the updates for the accuracy and loss
-    of both candidates on `check_samples` of their own examples, and keeps the one with
-    the higher accuracy over the clients' shards (each weighed by its size), the lower
-    loss breaking ties. The clients also report each candidate's loss at a few logit
-    temperatures, and the fused model goes out with the one that fits their data best
-    (one extra message per client: two models down, 26 numbers up; labels stay with the
-    clients). "proxy"
-    keeps a fifth of the proxy set out of the fit and prefers the candidate that agrees
-    better with the clients' output ensemble there: no extra messages, but the ensemble
-    is its reference, and once the clients' ensemble falls below their average (small
-    drift, from round 2 or 3 on) it keeps choosing the fused model. "off" always sends
-    the fused model.
+    `check`: "clients" sends both candidates to the clients that sent the updates; each
+    reports their accuracy on `check_samples` of its own examples and their loss at a few
+    logit temperatures (one extra message per client: two models down, 26 numbers up;
+    labels stay with the clients). The more accurate candidate over the clients' shards
+    (each weighed by its size) goes out, the lower loss breaking ties; a fused model goes
+    out divided by the temperature that fits the clients' data best. "proxy" keeps a
+    fifth of the proxy set out of the fit and prefers the candidate that agrees better
+    with the clients' output ensemble there: no extra messages, but the ensemble is its
+    reference, and once the clients' ensemble falls below their average (small drift,
+    from round 2 or 3 on) it keeps choosing the fused model. "off" always sends the fused
+    model.
 
     `attribution`: "uniform" (clients send no scores: plain neuron-centric fusion, the
     ablation) or the captum method the clients use. `num_classes`: when set, clients
@@ -92,6 +91,7 @@ class NeuronFusion(RecordedRounds, FedAvg):
         order = torch.randperm(len(self.proxy), generator=torch.Generator().manual_seed(self.seed))
         cut = len(self.proxy) // SELECTION_SHARE
         return self.proxy[order[cut:]], self.proxy[order[:cut]]
+
     def reply_problem(self, content) -> str | None:
         return reply_problem(content, self._expected,
                              attribution_widths=None if self.attribution == "uniform" else self.level_widths,
@@ -179,7 +179,7 @@ class NeuronFusion(RecordedRounds, FedAvg):
             return "average", figures
         # The fused model's head is fitted to the clients' logits, class by class, and can
         # be far more confident than it is right (#C=2: loss 4-7 at 25-43% accuracy, and
-        # local SGD from it diverged within 3 rounds): it goes out temperature-scaled.
+        # local SGD from it diverged to NaN in round 4): it goes out temperature-scaled.
         best = int(np.argmin(losses["fusion"]))
         _scale_logits(candidates["fusion"], 1.0 / TEMPERATURES[best])
         unscaled = TEMPERATURES.index(1.0)
