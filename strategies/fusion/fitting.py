@@ -132,27 +132,26 @@ def _write_conv(conv: nn.Conv2d, solution: torch.Tensor) -> None:
 def _projected_conv_equations(conv: ProjectedConv2d, x: torch.Tensor, y: torch.Tensor, bias: bool | None = None):
     """y_c = sum_i gamma[c, i] * conv(x_i, W[c, i]) + b_c: per output channel, a
     regression on the responses of its frozen per-input-channel kernels, computed for
-    all (i, c) pairs of a group in one grouped conv. `bias` adds the b_c column (default:
-    when the conv has a bias)."""
+    all (i, c) pairs of all groups in one conv with one group per input channel.
+    `bias` adds the b_c column (default: when the conv has a bias)."""
     x, padding = _padded(conv, x)
     groups, out = conv.groups, conv.out_channels
     in_g, out_g = conv.in_channels // groups, out // groups
     bias = conv.bias is not None if bias is None else bias
+    # Filter (j, c) of input channel j = g * in_g + i is W[g * out_g + c, i].
+    weight = conv.weight.reshape(groups, out_g, in_g, *conv.kernel_size).transpose(1, 2)
+    weight = weight.reshape(conv.in_channels * out_g, 1, *conv.kernel_size)
     gram = torch.zeros(out, in_g + bias, in_g + bias, dtype=x.dtype)
     rhs = torch.zeros(out, in_g + bias, dtype=x.dtype)
-    for g in range(groups):
-        kernels = conv.weight[g * out_g:(g + 1) * out_g]  # (out_g, in_g, k, k)
-        # Output channel (i, c) of the grouped conv is input channel i through W[c, i].
-        weight = kernels.transpose(0, 1).reshape(in_g * out_g, 1, *conv.kernel_size)
-        for part in _chunks(len(x), 32):
-            responses = F.conv2d(x[part, g * in_g:(g + 1) * in_g], weight, None, conv.stride, padding,
-                                 conv.dilation, in_g)
-            z = responses.reshape(responses.shape[0], in_g, out_g, -1)  # (b, in_g, out_g, P)
-            if bias:
-                z = torch.cat([z, torch.ones_like(z[:, :1])], 1)
-            target = y[part, g * out_g:(g + 1) * out_g].flatten(2)  # (b, out_g, P)
-            gram[g * out_g:(g + 1) * out_g] += torch.einsum("bicp,bjcp->cij", z, z)
-            rhs[g * out_g:(g + 1) * out_g] += torch.einsum("bicp,bcp->ci", z, target)
+    for part in _chunks(len(x), 32):
+        responses = F.conv2d(x[part], weight, None, conv.stride, padding, conv.dilation, conv.in_channels)
+        b = responses.shape[0]
+        # (b, groups, in_g, out_g, P) -> (b, in_g, out, P), output channel g * out_g + c.
+        z = responses.reshape(b, groups, in_g, out_g, -1).transpose(1, 2).reshape(b, in_g, out, -1)
+        if bias:
+            z = torch.cat([z, torch.ones_like(z[:, :1])], 1)
+        gram += torch.einsum("bicp,bjcp->cij", z, z)
+        rhs += torch.einsum("bicp,bcp->ci", z, y[part].flatten(2))
     return gram, rhs[..., None]
 
 
