@@ -159,7 +159,9 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
             client_levels = [lv[index] for lv in model_levels]
             probe_ins = [lv.probe_input(i) for lv, i in zip(client_levels, inputs)]
             client_acts = [lv.probe(p) for lv, p in zip(client_levels, probe_ins)]
-            inputs = [lv(i) for lv, i in zip(client_levels, inputs)]
+            # A block probed whole: its output is the probe's (one forward pass per model, not two).
+            whole = level.probe is level.module and level.prefix is None
+            inputs = client_acts if whole else [lv(i) for lv, i in zip(client_levels, inputs)]
             fused_probe_in = level.probe_input(fused_in)
             current = level.probe(fused_probe_in)
 
