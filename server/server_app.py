@@ -239,7 +239,7 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         strategy = strategies.build(
             settings.strategy, proximal_mu=settings.proximal_mu, template=model, proxy=proxy,
             attribution=settings.attribution, seed=spec.seed, fusion_check=settings.fusion_check,
-            check_samples=settings.check_samples,
+            check_samples=settings.check_samples, fusion_rounds=settings.fusion_rounds,
             num_classes=federation.num_classes if settings.share_class_counts else None,
         )
         first = max(done, resume_round)  # rounds of this phase already run

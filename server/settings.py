@@ -50,6 +50,7 @@ class RunSettings:
     share_class_counts: bool = True  # fusion: clients send their class histogram (head targets)
     fusion_check: str = "clients"  # fused vs averaged model: clients' accuracy, proxy agreement, or off
     check_samples: int = 500  # fusion check "clients": examples per client
+    fusion_rounds: int = 0  # fusion: fuse in the first N rounds only, then average (FedAvg); 0: every round
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     ray_address: str = ""
@@ -135,6 +136,9 @@ class RunSettings:
         if self.fusion_check not in FUSION_CHECKS:
             raise SettingsError(f"--fusion-check must be one of {', '.join(FUSION_CHECKS)}, got '{self.fusion_check}'")
         _positive_int("--check-samples", self.check_samples)
+        if not (0 <= self.fusion_rounds) or int(self.fusion_rounds) != self.fusion_rounds:
+            raise SettingsError(f"--fusion-rounds must be a whole number >= 0 (0: fuse every round), "
+                                f"got {self.fusion_rounds}")
         if not (math.isfinite(self.client_failure_rate) and 0.0 <= self.client_failure_rate < 1.0):
             raise SettingsError(f"--client-failure-rate must be in [0, 1), got {self.client_failure_rate}")
         if not (0 <= self.poison_clients <= self.federation.clients) or int(self.poison_clients) != self.poison_clients:

@@ -22,6 +22,8 @@ def _run_parser(sub) -> None:
                         "data (clients), in agreement with their ensemble on held-out proxy samples (proxy), "
                         "or always (off)")
     p.add_argument("--check-samples", type=int, default=500, help="fusion check: examples per client")
+    p.add_argument("--fusion-rounds", type=int, default=0,
+                   help="fusion: fuse in the first N rounds only, then average as FedAvg does (0: every round)")
     p.add_argument("--share-class-counts", action=argparse.BooleanOptionalAction, default=True,
                    help="fusion: clients send their class histogram, which weighs the head's targets")
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, cifar10, mnist-5k, digits, synthetic")
@@ -86,7 +88,7 @@ def settings_from_args(args: argparse.Namespace):
         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, attribution=args.attribution,
         attribution_samples=args.attribution_samples, fusion_check=args.fusion_check,
-        check_samples=args.check_samples, share_class_counts=args.share_class_counts,
+        check_samples=args.check_samples, fusion_rounds=args.fusion_rounds, share_class_counts=args.share_class_counts,
         client_cpus=args.client_cpus,
         client_gpus=args.client_gpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
         ray_num_gpus=args.ray_num_gpus, out=args.out, resume=args.resume,

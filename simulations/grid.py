@@ -33,6 +33,7 @@ STRATEGY_VARIANTS = {
     "fedprox": {"strategy": "fedprox"},
     "fusion": {"strategy": "fusion"},
     "fusion-uniform": {"strategy": "fusion", "attribution": "uniform"},
+    "fusion-then-fedavg": {"strategy": "fusion", "fusion_rounds": 1},  # fusion's head start, then FedAvg
 }
 CENTRALISED = "centralised"
 _GRID_KEYS = {"strategies", "seeds", "local_epochs", "target_accuracy", "base", "partitions", "models"}

@@ -66,7 +66,7 @@ class NeuronFusion(RecordedRounds, FedAvg):
 
     def __init__(self, template: nn.Module, proxy: torch.Tensor, attribution: str = "gradxact",
                  num_classes: int | None = None, seed: int = 0, check: str = "clients", check_samples: int = 500,
-                 **flower_kwargs):
+                 fusion_rounds: int = 0, **flower_kwargs):
         super().__init__(**flower_kwargs)
         if check not in CHECKS:
             raise ValueError(f"unknown fusion check '{check}': choose one of {', '.join(CHECKS)}")
@@ -77,6 +77,7 @@ class NeuronFusion(RecordedRounds, FedAvg):
         self.level_widths = {level.name: level.width for level in models.levels(self.template)}
         self.seed = seed
         self.check, self.check_samples = check, check_samples
+        self.fusion_rounds = fusion_rounds
         self._grid, self._task_config = None, {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
@@ -111,6 +112,11 @@ class NeuronFusion(RecordedRounds, FedAvg):
             model = copy.deepcopy(self.template)
             models.load_exchanged_state(model, {k: v.numpy() for k, v in content["arrays"].items()})
             client_models.append(model)
+        averaged = average_models(client_models, [c["metrics"]["num-examples"] for c in contents])
+        if self.fusion_rounds and server_round > self.fusion_rounds:
+            # Past its fusion rounds the server is FedAvg.
+            record.extra.update(fusion_s=0.0, selected="average")
+            return _arrays(averaged), metrics
         attributions = None if self.attribution == "uniform" else [
             [torch.from_numpy(content["attributions"][name].numpy()) for name in self.level_widths]
             for content in contents
@@ -121,7 +127,6 @@ class NeuronFusion(RecordedRounds, FedAvg):
         fit_part, check_part = self._proxy_split()
         fused, report = fuse(client_models, [fit_part], attributions, class_weights=class_weights,
                              restarts=False, seed=self.seed + server_round)
-        averaged = average_models(client_models, [c["metrics"]["num-examples"] for c in contents])
         candidates = {"fusion": fused, "average": averaged}
         if self.check == "clients":
             selected, figures = self._check_on_clients(server_round, valid, candidates, record)

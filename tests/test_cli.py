@@ -30,6 +30,7 @@ BAD_INPUTS = [
     (["--strategy", "fusion", "--attribution", "saliency"], "--attribution must be one of"),
     (["--strategy", "fusion", "--fusion-check", "loss"], "--fusion-check must be one of clients, proxy, off"),
     (["--strategy", "fusion", "--check-samples", "0"], "--check-samples must be a positive whole number"),
+    (["--strategy", "fusion", "--fusion-rounds", "-1"], "--fusion-rounds must be a whole number >= 0"),
     (["--strategy", "fusion", "--proxy-size", "8"], "--proxy-size must be at least 32"),
     (["--client-failure-rate", "1.0"], "--client-failure-rate must be in [0, 1)"),
     (["--poison-clients", "11"], "--poison-clients must be a whole number from 0 to --clients"),

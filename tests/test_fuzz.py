@@ -22,6 +22,7 @@ FLAGS = {
     "--strategy": st.sampled_from(["fedavg", "fedprox", "fusion", "fedsgd"]),
     "--attribution": st.sampled_from(["uniform", "gradxact", "conductance", "lime"]),
     "--fusion-check": st.sampled_from(["clients", "proxy", "off", "loss"]), "--check-samples": st.integers(-2, 600),
+    "--fusion-rounds": st.integers(-2, 12),
     "--poison": st.sampled_from(["nan", "inf", "scale", "shape", "zero"]),
     "--dataset": st.sampled_from(["digits", "mnist-5k", "synthetic", "imagenet"]),
 }

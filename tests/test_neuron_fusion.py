@@ -255,3 +255,20 @@ def test_an_overconfident_fused_model_goes_out_temperature_scaled(round_one, mon
     sent = _load(template, {k: v.numpy() for k, v in arrays.items()})
     assert torch.allclose(sent[-1].weight, sharpened["weight"] / extra["fusion_temperature"], atol=1e-6)
     assert torch.allclose(sent[-1].bias, sharpened["bias"] / extra["fusion_temperature"], atol=1e-6)
+
+
+def test_past_its_fusion_rounds_the_server_averages_as_fedavg_does(round_one):
+    template, proxy, test, updates = round_one
+    replies = [_message(p, u) for p, u in enumerate(updates)]
+    strategy = _strategy(template, proxy, fusion_rounds=1)
+    fused, _ = strategy.aggregate_train(1, replies)
+    assert strategy.current.extra["selected"] == "fusion" and len(strategy._grid.sent) == 4
+    strategy.current = None  # a new round's record (configure_train would make it)
+    averaged, _ = strategy.aggregate_train(2, replies)
+    # Round 2: no fusion and no check message; the average is FedAvg's, key by key.
+    assert strategy.current.extra["selected"] == "average" and strategy.current.extra["fusion_s"] == 0.0
+    assert len(strategy._grid.sent) == 4 and strategy.current.bytes_down == 0
+    fedavg, _ = _strategy(template, proxy, name="fedavg").aggregate_train(
+        2, [_message(p, u, attributions=1, **{"class-counts": 1}) for p, u in enumerate(updates)])
+    assert all(np.allclose(averaged[k].numpy(), fedavg[k].numpy(), atol=1e-6) for k in fedavg)
+    assert _accuracy(template, fused, test) > _accuracy(template, averaged, test) + 0.2
