@@ -16,7 +16,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 DEMO_ARGS := --dataset fashion-mnist --partition dirichlet --alpha 0.5 --clients 10 \
              --rounds 5 --local-epochs 1 --model simple-cnn --no-projection --seed 0 --quiet
 
-.PHONY: setup demo test test-slow bench bench-one-shot bench-smoke bench-micro bench-overhead bench-projection bench-fusion clean
+.PHONY: setup demo test test-slow bench bench-one-shot bench-fusion-then-fedavg bench-smoke bench-micro bench-overhead bench-projection bench-fusion clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -55,6 +55,11 @@ bench: setup
 # splits): about 10 minutes per seed here. Records in results/one-shot.
 bench-one-shot: setup
 	$(BIN)/fedfuse bench simulations/configs/one-shot.toml --out results/one-shot --only '$(BENCH_ONLY)'
+
+# Ablation: fusion in round 1 only, then FedAvg, on the headline's small-CNN runs
+# (about 15 minutes here). Records in results/fusion-then-fedavg.
+bench-fusion-then-fedavg: setup
+	$(BIN)/fedfuse bench simulations/configs/fusion-then-fedavg.toml --out results/fusion-then-fedavg --only '$(BENCH_ONLY)'
 
 bench-smoke: setup
 	$(BIN)/fedfuse bench simulations/configs/smoke.toml --out runs/bench-smoke

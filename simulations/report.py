@@ -59,11 +59,22 @@ def _reach(run_rows: list[dict], target: float) -> tuple[int | None, int | None]
     return None, None
 
 
+LAST_ROUNDS = 3
+
+
+def _last_rounds_mean(run_rows: list[dict]) -> float:
+    """Mean accuracy of the run's last LAST_ROUNDS rounds: at high skew the accuracy of
+    one round swings by 5 points or more from the next, and the last round alone is noisy."""
+    trained = [row["accuracy"] for row in run_rows if row["round"] > 0] or [run_rows[-1]["accuracy"]]
+    return float(np.mean(trained[-LAST_ROUNDS:]))
+
+
 def summarise(rows: list[dict], target: float, ensembles: dict[str, float | None]) -> list[dict]:
     """One line per (setting, strategy): the report's main table."""
     lines = []
     for (setting, strategy), by_seed in sorted(_curves(rows).items()):
         finals = [runs[-1]["accuracy"] for runs in by_seed.values()]
+        lasts = [_last_rounds_mean(runs) for runs in by_seed.values()]
         reached = [_reach(runs, target) for runs in by_seed.values()]
         rounds_hit = [r for r, _ in reached if r is not None]
         bytes_hit = [b for _, b in reached if b is not None]
@@ -73,6 +84,7 @@ def summarise(rows: list[dict], target: float, ensembles: dict[str, float | None
         lines.append({
             "setting": setting, "strategy": strategy, "seeds": len(finals),
             "final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
+            "last_mean": float(np.mean(lasts)), "last_std": float(np.std(lasts)),
             "reached": len(rounds_hit),
             "rounds_to_target": float(np.mean(rounds_hit)) if rounds_hit else None,
             "mb_to_target": float(np.mean(bytes_hit)) / 1e6 if bytes_hit else None,
@@ -96,11 +108,13 @@ def against_fedavg(rows: list[dict]) -> list[dict]:
         if not seeds:
             continue
         deltas = [by_seed[s][-1]["accuracy"] - fedavg[s][-1]["accuracy"] for s in seeds]
+        last_deltas = [_last_rounds_mean(by_seed[s]) - _last_rounds_mean(fedavg[s]) for s in seeds]
         own = [_reach(by_seed[s], fedavg[s][-1]["accuracy"])[0] for s in seeds]
         base = [_reach(fedavg[s], fedavg[s][-1]["accuracy"])[0] for s in seeds]
         hit = [r for r in own if r is not None]
         lines.append({"setting": setting, "strategy": strategy, "seeds": len(seeds),
                       "delta_mean": float(np.mean(deltas)), "delta_std": float(np.std(deltas)),
+                      "last_delta_mean": float(np.mean(last_deltas)), "last_delta_std": float(np.std(last_deltas)),
                       "wins": sum(d > 0 for d in deltas), "reached": len(hit),
                       "rounds_to_fedavg_final": float(np.mean(hit)) if hit else None,
                       "fedavg_rounds": float(np.mean(base))})
@@ -119,36 +133,39 @@ def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[di
         f"Grid `{grid.source}`, written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on "
         f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), "
         f"command `fedfuse bench {grid.source} --out {out_dir}`.", "",
-        f"Final test accuracy after the last round: mean ± std over seeds. Rounds and MB (up + down, all "
+        f"Final test accuracy after the last round, and its mean over the last {LAST_ROUNDS} rounds (less "
+        f"noisy): mean ± std over seeds. Rounds and MB (up + down, all "
         f"clients) to reach {target:.0%} test accuracy: mean over the seeds that reached it (reached: how many). "
         "Ensemble: the output ensemble of the last round's client models (an upper bound for fusion). "
         "Centralised: one model trained on the union of the shards with the same budget "
         "(rounds x local epochs passes).", "",
-        "| setting | strategy | seeds | final accuracy | reached | rounds to target | MB to target | s / round "
-        "| ensemble |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| setting | strategy | seeds | final accuracy | last {LAST_ROUNDS} rounds | reached | rounds to target "
+        "| MB to target | s / round | ensemble |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for line in lines:
         text.append(
             f"| {line['setting']} | {line['strategy']} | {line['seeds']} | {line['final_mean']:.4f} ± "
-            f"{line['final_std']:.4f} | {line['reached']}/{line['seeds']} | {_fmt(line['rounds_to_target'], '{:.1f}')} "
+            f"{line['final_std']:.4f} | {line['last_mean']:.4f} ± {line['last_std']:.4f} | {line['reached']}/{line['seeds']} | {_fmt(line['rounds_to_target'], '{:.1f}')} "
             f"| {_fmt(line['mb_to_target'], '{:.1f}')} | {_fmt(line['s_per_round'], '{:.1f}')} "
             f"| {_fmt(line['ensemble_mean'])} |")
     if comparisons:
         text += [
             "", "## Against FedAvg", "",
             "Paired by seed (same partition, same sampled clients): final accuracy minus FedAvg's (mean ± std "
-            "over seeds; wins: seeds where it ended above), and the first round at which the strategy reached "
+            f"over seeds; wins: seeds where it ended above), the same for the mean of the last {LAST_ROUNDS} "
+            "rounds, and the first round at which the strategy reached "
             "FedAvg's final accuracy of that seed (mean over the seeds that did), beside the round at which FedAvg "
             "itself first reached it.", "",
-            "| setting | strategy | seeds | final - FedAvg (points) | wins | reached FedAvg's final | in round "
-            "| FedAvg's round |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| setting | strategy | seeds | final - FedAvg (points) | wins | last {LAST_ROUNDS} rounds - FedAvg "
+            "| reached FedAvg's final | in round | FedAvg's round |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for c in comparisons:
             text.append(
                 f"| {c['setting']} | {c['strategy']} | {c['seeds']} | {100 * c['delta_mean']:+.2f} ± "
-                f"{100 * c['delta_std']:.2f} | {c['wins']}/{c['seeds']} | {c['reached']}/{c['seeds']} "
+                f"{100 * c['delta_std']:.2f} | {c['wins']}/{c['seeds']} | {100 * c['last_delta_mean']:+.2f} ± "
+                f"{100 * c['last_delta_std']:.2f} | {c['reached']}/{c['seeds']} "
                 f"| {_fmt(c['rounds_to_fedavg_final'], '{:.1f}')} | {c['fedavg_rounds']:.1f} |")
     text += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in sorted(out_dir.glob("*.png"))), ""]
     if failures:

@@ -4,6 +4,7 @@ import csv
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from server.settings import SettingsError
@@ -90,14 +91,17 @@ def test_against_fedavg_pairs_seeds_and_counts_rounds_to_fedavg_final():
     assert line["delta_mean"] == pytest.approx((0.05 - 0.1) / 2)
     assert line["reached"] == 1 and line["rounds_to_fedavg_final"] == 1  # seed 0: 0.7 >= 0.7 in round 1
     assert line["fedavg_rounds"] == pytest.approx((3 + 2) / 2)
+    # Means of rounds 1-3: seed 0 0.7233 - 0.6, seed 1 0.4 - 0.5333.
+    assert line["last_delta_mean"] == pytest.approx(((0.72333 - 0.6) + (0.4 - 0.53333)) / 2, abs=1e-4)
 
 
-def _report_finals(report: str) -> dict[tuple[str, str], float]:
+def _report_finals(report: str) -> dict[tuple[str, str], tuple[float, float]]:
+    """The main table's (final accuracy, last-rounds mean) per (setting, strategy)."""
     finals = {}
     for line in report.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 9 and "±" in cells[3]:
-            finals[(cells[0], cells[1])] = float(cells[3].split("±")[0])
+        if len(cells) == 10 and "±" in cells[3]:
+            finals[(cells[0], cells[1])] = (float(cells[3].split("±")[0]), float(cells[4].split("±")[0]))
     return finals
 
 
@@ -120,9 +124,11 @@ def test_smoke_grid_writes_every_output_and_resumes_without_redoing_runs(tmp_pat
 
     finals = _report_finals((tmp_path / "report.md").read_text())
     last = {(r["setting"], r["strategy"]): float(r["accuracy"]) for r in rows if r["round"] == "2"}
+    trained = {key: np.mean([float(r["accuracy"]) for r in rows if (r["setting"], r["strategy"]) == key
+                             and r["round"] != "0"]) for key in last}
     assert finals.keys() == last.keys()
-    for key, value in last.items():  # one seed: the mean is the run's last accuracy
-        assert finals[key] == pytest.approx(value, abs=1e-4)
+    for key, value in last.items():  # one seed: the means are the run's last accuracy, and rounds 1-2's mean
+        assert finals[key] == pytest.approx((value, trained[key]), abs=1e-4)
     assert all(value > 0.6 for value in last.values())
     delta = re.search(r"\| simple-cnn-e2-dir0.5 \| fusion \| 1 \| ([+-][0-9.]+) ±", (tmp_path / "report.md").read_text())
     fedavg_final, fusion_final = (last[("simple-cnn-e2-dir0.5", s)] for s in ("fedavg", "fusion"))
