@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -17,6 +14,7 @@ from flwr.clientapp import ClientApp
 from clients import faults, runtime
 from clients.local_update import check_candidates, local_update
 from clients.task import TrainTask
+from strategies.messages import array_record
 
 app = ClientApp()
 
@@ -50,7 +48,7 @@ def train(msg: Message, context: Context) -> Message:
         update.state = faults.poison_state(update.state, task.poison)
         injected = f"poison:{task.poison}"
     content = RecordDict({
-        "arrays": _arrays(update.state),
+        "arrays": array_record(update.state),
         "metrics": MetricRecord(update.metrics),
         "placement": ConfigRecord(runtime.placement()),
     })
@@ -58,7 +56,7 @@ def train(msg: Message, context: Context) -> Message:
         content["faults"] = ConfigRecord({"injected": injected})
     # Fusion's extra records: neuron scores per level, and the class histogram if shared.
     if update.attributions is not None:
-        content["attributions"] = _arrays(update.attributions)
+        content["attributions"] = array_record(update.attributions)
     if update.class_counts is not None:
         content["class-counts"] = MetricRecord({"counts": update.class_counts})
     return Message(content, reply_to=msg)
@@ -78,5 +76,3 @@ def check(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def _arrays(tensors: dict) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})

@@ -11,7 +11,6 @@ from logging import INFO
 import numpy as np
 import torch
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -30,6 +29,7 @@ from data import BatchLoader, build_federation, label_skew
 from server.progress import ProgressGrid, RunProgress
 from server.results import RunDirectory, read_jsonl
 from server.settings import RunSettings, SettingsError
+from strategies.messages import array_record
 
 app = ServerApp()
 
@@ -144,10 +144,6 @@ def _per_level_mean(per_round: list[list[float]]) -> list[float] | None:
     return np.mean(np.array(same, dtype=float), 0).tolist()
 
 
-def _arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
-
-
 def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> dict:
     """Run all rounds and write the run directory; returns the summary.
 
@@ -246,7 +242,7 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         strategy.sampler, strategy.round_offset = sampler, first
         result = strategy.start(
             grid=ProgressGrid(grid, progress),
-            initial_arrays=_arrays(models.exchanged_state(model)),
+            initial_arrays=array_record(models.exchanged_state(model)),
             num_rounds=done + num_rounds - first,
             train_config=ConfigRecord(task.to_config()),
             evaluate_fn=partial(central_evaluation, strategy, full_finetune),

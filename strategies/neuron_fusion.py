@@ -13,13 +13,14 @@ from logging import WARNING
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 import models
 from strategies.fusion import average_models, fuse
+from strategies.messages import array_record
 from strategies.recording import RecordedRounds, RoundRecord
 from strategies.validation import reply_problem
 
@@ -116,7 +117,7 @@ class NeuronFusion(RecordedRounds, FedAvg):
         if self.fusion_rounds and server_round > self.fusion_rounds:
             # Past its fusion rounds the server is FedAvg.
             record.extra.update(fusion_s=0.0, selected="average")
-            return _arrays(averaged), metrics
+            return array_record(models.exchanged_state(averaged)), metrics
         attributions = None if self.attribution == "uniform" else [
             [torch.from_numpy(content["attributions"][name].numpy()) for name in self.level_widths]
             for content in contents
@@ -145,7 +146,7 @@ class NeuronFusion(RecordedRounds, FedAvg):
             selected=selected,
             **figures,
         )
-        return _arrays(candidates[selected]), metrics
+        return array_record(models.exchanged_state(candidates[selected])), metrics
 
     def _check_on_clients(self, server_round: int, valid: list[Message], candidates: dict[str, nn.Module],
                           record: RoundRecord) -> tuple[str, dict]:
@@ -153,7 +154,7 @@ class NeuronFusion(RecordedRounds, FedAvg):
         accuracy and loss on a sample of its shard. Without a usable reply the average
         (FedAvg's choice) goes out."""
         started = time.perf_counter()
-        arrays = {name: _arrays(model) for name, model in candidates.items()}
+        arrays = {name: array_record(models.exchanged_state(model)) for name, model in candidates.items()}
         config = ConfigRecord({**self._task_config, "server-round": server_round, "check-samples": self.check_samples,
                                "check-temperatures": list(TEMPERATURES)})
         messages = [Message(RecordDict({**arrays, "config": config}), dst_node_id=msg.metadata.src_node_id,
@@ -242,7 +243,3 @@ def _check_on_proxy(server_round: int, client_models: list[nn.Module], candidate
             "proxy samples (%.3f vs %.3f for fusion): it becomes the global model",
             server_round, agreement["average"], agreement["fusion"])
     return selected, {"agreement_fusion": agreement["fusion"], "agreement_average": agreement["average"]}
-
-
-def _arrays(model: nn.Module) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in models.exchanged_state(model).items()})
