@@ -57,7 +57,7 @@ bench-one-shot: setup
 	$(BIN)/fedfuse bench simulations/configs/one-shot.toml --out results/one-shot --only '$(BENCH_ONLY)'
 
 # Ablation: fusion in round 1 only, then FedAvg, on the headline's small-CNN runs
-# (about 15 minutes here). Records in results/fusion-then-fedavg.
+# (about 40 minutes here). Records in results/fusion-then-fedavg.
 bench-fusion-then-fedavg: setup
 	$(BIN)/fedfuse bench simulations/configs/fusion-then-fedavg.toml --out results/fusion-then-fedavg --only '$(BENCH_ONLY)'
 

@@ -62,6 +62,11 @@ def _reach(run_rows: list[dict], target: float) -> tuple[int | None, int | None]
 LAST_ROUNDS = 3
 
 
+def _std(values: list[float]) -> float:
+    """Sample standard deviation over seeds (0 for one seed)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def _last_rounds_mean(run_rows: list[dict]) -> float:
     """Mean accuracy of the run's last LAST_ROUNDS rounds: at high skew the accuracy of
     one round swings by 5 points or more from the next, and the last round alone is noisy."""
@@ -83,8 +88,8 @@ def summarise(rows: list[dict], target: float, ensembles: dict[str, float | None
         ens = [e for e in ens if e is not None]
         lines.append({
             "setting": setting, "strategy": strategy, "seeds": len(finals),
-            "final_mean": float(np.mean(finals)), "final_std": float(np.std(finals)),
-            "last_mean": float(np.mean(lasts)), "last_std": float(np.std(lasts)),
+            "final_mean": float(np.mean(finals)), "final_std": _std(finals),
+            "last_mean": float(np.mean(lasts)), "last_std": _std(lasts),
             "reached": len(rounds_hit),
             "rounds_to_target": float(np.mean(rounds_hit)) if rounds_hit else None,
             "mb_to_target": float(np.mean(bytes_hit)) / 1e6 if bytes_hit else None,
@@ -113,8 +118,8 @@ def against_fedavg(rows: list[dict]) -> list[dict]:
         base = [_reach(fedavg[s], fedavg[s][-1]["accuracy"])[0] for s in seeds]
         hit = [r for r in own if r is not None]
         lines.append({"setting": setting, "strategy": strategy, "seeds": len(seeds),
-                      "delta_mean": float(np.mean(deltas)), "delta_std": float(np.std(deltas)),
-                      "last_delta_mean": float(np.mean(last_deltas)), "last_delta_std": float(np.std(last_deltas)),
+                      "delta_mean": float(np.mean(deltas)), "delta_std": _std(deltas),
+                      "last_delta_mean": float(np.mean(last_deltas)), "last_delta_std": _std(last_deltas),
                       "wins": sum(d > 0 for d in deltas), "reached": len(hit),
                       "rounds_to_fedavg_final": float(np.mean(hit)) if hit else None,
                       "fedavg_rounds": float(np.mean(base))})
@@ -134,7 +139,7 @@ def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[di
         f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), "
         f"command `fedfuse bench {grid.source} --out {out_dir}`.", "",
         f"Final test accuracy after the last round, and its mean over the last {LAST_ROUNDS} rounds (less "
-        f"noisy): mean ± std over seeds. Rounds and MB (up + down, all "
+        f"noisy): mean ± sample std over seeds. Rounds and MB (up + down, all "
         f"clients) to reach {target:.0%} test accuracy: mean over the seeds that reached it (reached: how many). "
         "Ensemble: the output ensemble of the last round's client models (an upper bound for fusion). "
         "Centralised: one model trained on the union of the shards with the same budget "

@@ -89,6 +89,7 @@ def test_against_fedavg_pairs_seeds_and_counts_rounds_to_fedavg_final():
     (line,) = against_fedavg(rows)
     assert line["seeds"] == 2 and line["wins"] == 1
     assert line["delta_mean"] == pytest.approx((0.05 - 0.1) / 2)
+    assert line["delta_std"] == pytest.approx(0.15 / 2 ** 0.5)  # sample std of +0.05 and -0.1
     assert line["reached"] == 1 and line["rounds_to_fedavg_final"] == 1  # seed 0: 0.7 >= 0.7 in round 1
     assert line["fedavg_rounds"] == pytest.approx((3 + 2) / 2)
     # Means of rounds 1-3: seed 0 0.7233 - 0.6, seed 1 0.4 - 0.5333.
