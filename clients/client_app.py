@@ -74,5 +74,3 @@ def check(msg: Message, context: Context) -> Message:
     metrics = check_candidates(task, partition_id(context), candidates, int(config["check-samples"]),
                                [float(t) for t in config["check-temperatures"]])
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
-

@@ -63,7 +63,9 @@ class NeuronFusion(RecordedRounds, FedAvg):
     `attribution`: "uniform" (clients send no scores: plain neuron-centric fusion, the
     ablation) or the captum method the clients use. `num_classes`: when set, clients
     send their class histogram and the head's target weighs each model's logit of a
-    class by its share of that class's samples."""
+    class by its share of that class's samples. `fusion_rounds`: when > 0, rounds after
+    the first `fusion_rounds` send FedAvg's weighted average, unfused and unchecked (the
+    clients still send their attributions: the task is fixed for the run)."""
 
     def __init__(self, template: nn.Module, proxy: torch.Tensor, attribution: str = "gradxact",
                  num_classes: int | None = None, seed: int = 0, check: str = "clients", check_samples: int = 500,
