@@ -64,8 +64,8 @@ class NeuronFusion(RecordedRounds, FedAvg):
     ablation) or the captum method the clients use. `num_classes`: when set, clients
     send their class histogram and the head's target weighs each model's logit of a
     class by its share of that class's samples. `fusion_rounds`: when > 0, rounds after
-    the first `fusion_rounds` send FedAvg's weighted average, unfused and unchecked (the
-    clients still send their attributions: the task is fixed for the run)."""
+    the first `fusion_rounds` send FedAvg's weighted average, unfused and unchecked, and
+    ask the clients for neither attributions nor class histograms."""
 
     def __init__(self, template: nn.Module, proxy: torch.Tensor, attribution: str = "gradxact",
                  num_classes: int | None = None, seed: int = 0, check: str = "clients", check_samples: int = 500,
@@ -81,9 +81,17 @@ class NeuronFusion(RecordedRounds, FedAvg):
         self.seed = seed
         self.check, self.check_samples = check, check_samples
         self.fusion_rounds = fusion_rounds
+        self._fusing = True  # whether this round's replies are fused (set per round)
         self._grid, self._task_config = None, {}
 
+    def fuses(self, server_round: int) -> bool:
+        return not self.fusion_rounds or server_round <= self.fusion_rounds
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+        self._fusing = self.fuses(server_round + self.round_offset)
+        if not self._fusing:
+            # The server will only average: clients are spared the attribution pass.
+            config = ConfigRecord({**dict(config), "attribution": "", "share-class-counts": False})
         # The check after fusion asks the same clients again, with the same task.
         self._grid, self._task_config = grid, dict(config)
         return super().configure_train(server_round, arrays, config, grid)
@@ -97,9 +105,9 @@ class NeuronFusion(RecordedRounds, FedAvg):
         return self.proxy[order[cut:]], self.proxy[order[:cut]]
 
     def reply_problem(self, content) -> str | None:
-        return reply_problem(content, self._expected,
-                             attribution_widths=None if self.attribution == "uniform" else self.level_widths,
-                             num_classes=self.num_classes)
+        scored = self._fusing and self.attribution != "uniform"
+        return reply_problem(content, self._expected, attribution_widths=self.level_widths if scored else None,
+                             num_classes=self.num_classes if self._fusing else None)
 
     def aggregate_valid(self, server_round: int, valid: list[Message], record: RoundRecord):
         contents = [msg.content for msg in valid]
@@ -116,7 +124,7 @@ class NeuronFusion(RecordedRounds, FedAvg):
             models.load_exchanged_state(model, {k: v.numpy() for k, v in content["arrays"].items()})
             client_models.append(model)
         averaged = average_models(client_models, [c["metrics"]["num-examples"] for c in contents])
-        if self.fusion_rounds and server_round > self.fusion_rounds:
+        if not self.fuses(server_round):
             # Past its fusion rounds the server is FedAvg.
             record.extra.update(fusion_s=0.0, selected="average")
             return array_record(models.exchanged_state(averaged)), metrics

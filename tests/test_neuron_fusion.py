@@ -56,6 +56,9 @@ class ClientsGrid:
     def __init__(self, broken=()):
         self.broken, self.sent = set(broken), []
 
+    def get_node_ids(self):
+        return [1000 + p for p in range(SPEC.clients)]
+
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for msg in messages:
@@ -263,12 +266,21 @@ def test_past_its_fusion_rounds_the_server_averages_as_fedavg_does(round_one):
     strategy = _strategy(template, proxy, fusion_rounds=1)
     fused, _ = strategy.aggregate_train(1, replies)
     assert strategy.current.extra["selected"] == "fusion" and len(strategy._grid.sent) == 4
-    strategy.current = None  # a new round's record (configure_train would make it)
-    averaged, _ = strategy.aggregate_train(2, replies)
+    # Round 2 asks the clients for neither attributions nor class histograms, and they send none.
+    task = TrainTask(federation=SPEC, attribution="gradxact", share_class_counts=True, local_epochs=1)
+    sent = list(strategy.configure_train(2, fused, ConfigRecord(task.to_config()), strategy._grid))
+    asked = [TrainTask.from_config(msg.content["config"]) for msg in sent]
+    assert len(asked) == SPEC.clients and all(not t.attribution and not t.share_class_counts for t in asked)
+    assert all(t.server_round == 2 for t in asked)
+    reply = local_update(asked[0], 0, {k: v.numpy() for k, v in fused.items()})
+    assert reply.attributions is None and reply.class_counts is None
+    unscored = [_message(p, u, attributions=1, **{"class-counts": 1}) for p, u in enumerate(updates)]
+    assert strategy.reply_problem(unscored[0].content) is None
+    assert "ArrayRecords" in strategy.reply_problem(replies[0].content)  # scores sent unasked are refused
+    averaged, _ = strategy.aggregate_train(2, unscored)
     # Round 2: no fusion and no check message; the average is FedAvg's, key by key.
     assert strategy.current.extra["selected"] == "average" and strategy.current.extra["fusion_s"] == 0.0
-    assert len(strategy._grid.sent) == 4 and strategy.current.bytes_down == 0
-    fedavg, _ = _strategy(template, proxy, name="fedavg").aggregate_train(
-        2, [_message(p, u, attributions=1, **{"class-counts": 1}) for p, u in enumerate(updates)])
+    assert len(strategy._grid.sent) == 4
+    fedavg, _ = _strategy(template, proxy, name="fedavg").aggregate_train(2, unscored)
     assert all(np.allclose(averaged[k].numpy(), fedavg[k].numpy(), atol=1e-6) for k in fedavg)
     assert _accuracy(template, fused, test) > _accuracy(template, averaged, test) + 0.2
