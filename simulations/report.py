@@ -62,9 +62,14 @@ def _reach(run_rows: list[dict], target: float) -> tuple[int | None, int | None]
 LAST_ROUNDS = 3
 
 
-def _std(values: list[float]) -> float:
-    """Sample standard deviation over seeds (0 for one seed)."""
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def _std(values: list[float]) -> float | None:
+    """Sample standard deviation over seeds (None for one seed: there is no spread to show)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def _mean_std(mean: float, std: float | None, digits: int = 4, scale: float = 1.0, signed: bool = False) -> str:
+    text = f"{scale * mean:{'+' if signed else ''}.{digits}f}"
+    return text if std is None else f"{text} ± {scale * std:.{digits}f}"
 
 
 def _last_rounds_mean(run_rows: list[dict]) -> float:
@@ -139,7 +144,7 @@ def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[di
         f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), "
         f"command `fedfuse bench {grid.source} --out {out_dir}`.", "",
         f"Final test accuracy after the last round, and its mean over the last {LAST_ROUNDS} rounds (less "
-        f"noisy): mean ± sample std over seeds. Rounds and MB (up + down, all "
+        f"noisy): mean ± sample std over seeds (no std for one seed). Rounds and MB (up + down, all "
         f"clients) to reach {target:.0%} test accuracy: mean over the seeds that reached it (reached: how many). "
         "Ensemble: the output ensemble of the last round's client models (an upper bound for fusion). "
         "Centralised: one model trained on the union of the shards with the same budget "
@@ -150,8 +155,9 @@ def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[di
     ]
     for line in lines:
         text.append(
-            f"| {line['setting']} | {line['strategy']} | {line['seeds']} | {line['final_mean']:.4f} ± "
-            f"{line['final_std']:.4f} | {line['last_mean']:.4f} ± {line['last_std']:.4f} | {line['reached']}/{line['seeds']} | {_fmt(line['rounds_to_target'], '{:.1f}')} "
+            f"| {line['setting']} | {line['strategy']} | {line['seeds']} | "
+            f"{_mean_std(line['final_mean'], line['final_std'])} | {_mean_std(line['last_mean'], line['last_std'])} "
+            f"| {line['reached']}/{line['seeds']} | {_fmt(line['rounds_to_target'], '{:.1f}')} "
             f"| {_fmt(line['mb_to_target'], '{:.1f}')} | {_fmt(line['s_per_round'], '{:.1f}')} "
             f"| {_fmt(line['ensemble_mean'])} |")
     if comparisons:
@@ -168,9 +174,10 @@ def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[di
         ]
         for c in comparisons:
             text.append(
-                f"| {c['setting']} | {c['strategy']} | {c['seeds']} | {100 * c['delta_mean']:+.2f} ± "
-                f"{100 * c['delta_std']:.2f} | {c['wins']}/{c['seeds']} | {100 * c['last_delta_mean']:+.2f} ± "
-                f"{100 * c['last_delta_std']:.2f} | {c['reached']}/{c['seeds']} "
+                f"| {c['setting']} | {c['strategy']} | {c['seeds']} "
+                f"| {_mean_std(c['delta_mean'], c['delta_std'], 2, 100, signed=True)} | {c['wins']}/{c['seeds']} "
+                f"| {_mean_std(c['last_delta_mean'], c['last_delta_std'], 2, 100, signed=True)} "
+                f"| {c['reached']}/{c['seeds']} "
                 f"| {_fmt(c['rounds_to_fedavg_final'], '{:.1f}')} | {c['fedavg_rounds']:.1f} |")
     text += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in sorted(out_dir.glob("*.png"))), ""]
     if failures:
