@@ -103,7 +103,7 @@ class RecordedRounds:
             line.update(status="ok", **_client_fields(msg))
             valid.append(msg)
             record.clients_ok += 1
-            record.bytes_up += msg.content["arrays"].count_bytes()
+            record.bytes_up += uplink_bytes(msg.content)
         record.clients.sort(key=lambda c: c["partition"])
         # Floating-point sums depend on order: aggregate in partition order, not arrival order.
         valid.sort(key=self._partition)
@@ -141,6 +141,13 @@ class RecordedRounds:
         return super().aggregate_train(server_round, valid)
 
 
+def uplink_bytes(content) -> int:
+    """What a reply carries for the strategy: the model and, for fusion, the attributions
+    and class histogram (the "metrics" record, telemetry every strategy sends, is not counted)."""
+    return (sum(record.count_bytes() for record in content.array_records.values())
+            + sum(record.count_bytes() for name, record in content.metric_records.items() if name != "metrics"))
+
+
 def _client_fields(msg: Message) -> dict:
     metrics = msg.content.metric_records["metrics"]
     placement = msg.content.config_records.get("placement", {})
@@ -148,7 +155,7 @@ def _client_fields(msg: Message) -> dict:
         "num_examples": int(metrics["num-examples"]),
         "train_s": float(metrics.get("train-s", 0.0)),
         "loss": float(metrics.get("loss", float("nan"))),
-        "bytes_up": msg.content["arrays"].count_bytes(),
+        "bytes_up": uplink_bytes(msg.content),
         "host": placement.get("host", ""),
         "pid": placement.get("pid", ""),
         "device": placement.get("device", ""),

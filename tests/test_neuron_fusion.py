@@ -103,8 +103,15 @@ def test_fusion_of_client_updates_beats_their_average(round_one):
     assert extra["check_examples"] == sum(min(500, n) for n in shard_sizes)
     assert len(strategy._grid.sent) == 4  # one check message per client, both candidates in it
     assert strategy.current.bytes_down == 2 * 4 * fused.count_bytes()
-    averaged, _ = _strategy(template, proxy, name="fedavg").aggregate_train(
+    fedavg = _strategy(template, proxy, name="fedavg")
+    averaged, _ = fedavg.aggregate_train(
         1, [_message(p, u, attributions=1, **{"class-counts": 1}) for p, u in enumerate(updates)])
+    # Fusion's uplink also carries one float32 score per neuron and a histogram of 10 classes
+    # (10 int64s and the key), plus each array's name and header.
+    template_levels = models.levels(template)
+    payload = 4 * sum(level.width for level in template_levels) + 10 * 8 + len("counts")
+    extra_per_client = (strategy.current.bytes_up - fedavg.current.bytes_up) / 4
+    assert payload <= extra_per_client < payload + 200 * len(template_levels)
     best_client = max(training.evaluate(_load(template, u.state), test)["accuracy"] for u in updates)
     fused_acc, averaged_acc = _accuracy(template, fused, test), _accuracy(template, averaged, test)
     # After 3 local epochs on non-IID shards the average collapses; fusion keeps what clients learnt.
