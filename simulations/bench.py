@@ -14,10 +14,11 @@ import traceback
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from simulations.grid import CENTRALISED, GridRun, load_grid
-from simulations.report import write_outputs
-from simulations.tables import make_console
+from simulations.grid import CENTRALISED, Grid, GridRun, load_grid
+from simulations.report import _fmt, write_outputs
+from simulations.tables import make_console, print_tables
 
 
 def _finished(run: GridRun) -> bool:
@@ -35,22 +36,74 @@ def _run_one(run: GridRun) -> None:
         simulate(run.settings, show_progress=False)
 
 
+def _select(grid: Grid, only: list[str] | None) -> list[GridRun]:
+    """The grid's runs, or the slice whose ids match one of the `only` glob patterns (one
+    model, one seed...): several machines or sessions can share one grid directory."""
+    if not only:
+        return grid.runs
+    matched = {p: {r.run_id for r in grid.runs if fnmatch.fnmatchcase(r.run_id, p)} for p in only}
+    unknown = [p for p, ids in matched.items() if not ids]
+    if unknown:
+        raise ValueError(f"--only {' '.join(unknown)} matches no run of {grid.source}; run ids look like "
+                         f"{grid.runs[-1].run_id}")
+    return [r for r in grid.runs if any(r.run_id in ids for ids in matched.values())]
+
+
+def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict]:
+    """What is left of the grid, per (model, local epochs, strategy): runs finished and
+    pending, and the pending runs' time estimated from the wall time of the finished
+    runs of the same group, or else of the same model and strategy at other local
+    epochs, scaled by the epochs (client training dominates a round). Runs nothing."""
+    grid = load_grid(config, out)
+    groups: dict[tuple, dict] = {}
+    for run in _select(grid, only):
+        key = (run.settings.model, run.settings.local_epochs, run.strategy)
+        group = groups.setdefault(key, {"walls": [], "pending": 0})
+        summary = Path(run.settings.out) / "summary.json"
+        if summary.exists():
+            groups[key]["walls"].append(json.loads(summary.read_text())["wall_s"])
+        else:
+            group["pending"] += 1
+    lines = []
+    for (model, epochs, strategy), group in groups.items():
+        per_run, basis = None, "no finished run to go by"
+        if group["walls"]:
+            per_run, basis = sum(group["walls"]) / len(group["walls"]), "measured"
+        else:
+            scaled = [wall * epochs / other for (m, other, s), g in groups.items()
+                      if (m, s) == (model, strategy) and other != epochs for wall in g["walls"]]
+            if scaled:
+                per_run = sum(scaled) / len(scaled)
+                basis = "scaled from other local epochs"
+        lines.append({"model": model, "local_epochs": epochs, "strategy": strategy, "finished": len(group["walls"]),
+                      "pending": group["pending"], "minutes_per_run": None if per_run is None else per_run / 60,
+                      "pending_hours": None if per_run is None else per_run * group["pending"] / 3600,
+                      "basis": basis})
+    return lines
+
+
+def print_plan(lines: list[dict], console) -> None:
+    table = Table(title="grid plan: pending runs and their estimated time on this grid's earlier machine(s)")
+    for column in ("model", "local epochs", "strategy", "finished", "pending", "min / run", "pending h", "basis"):
+        table.add_column(column, justify="left" if column in ("model", "strategy", "basis") else "right")
+    for line in lines:
+        table.add_row(line["model"], str(line["local_epochs"]), line["strategy"], str(line["finished"]),
+                      str(line["pending"]), _fmt(line["minutes_per_run"], "{:.1f}"),
+                      _fmt(line["pending_hours"], "{:.1f}"), line["basis"])
+    known = [line["pending_hours"] for line in lines if line["pending"] and line["pending_hours"] is not None]
+    unknown = sum(line["pending"] for line in lines if line["pending"] and line["pending_hours"] is None)
+    print_tables(table, console=console)
+    console.print(f"pending: {sum(line['pending'] for line in lines)} run(s), about {sum(known):.1f} h "
+                  f"for those with an estimate" + (f"; {unknown} without one" if unknown else ""))
+
+
 def run_grid(config: str, out: str, limit: int | None = None, quiet: bool = False,
              only: list[str] | None = None) -> dict:
     """Run what is missing of the grid (at most `limit` new runs; with `only`, just the
     runs whose id matches one of those glob patterns), then write the outputs from every
     finished run. Returns counts of runs done, kept and failed."""
     grid = load_grid(config, out)  # every setting checked before the first run
-    selected = grid.runs
-    if only:
-        # A slice of the grid (one model, one seed...): several machines or sessions can
-        # share one grid directory, each running its own part.
-        matched = {p: {r.run_id for r in grid.runs if fnmatch.fnmatchcase(r.run_id, p)} for p in only}
-        unknown = [p for p, ids in matched.items() if not ids]
-        if unknown:
-            raise ValueError(f"--only {' '.join(unknown)} matches no run of {config}; run ids look like "
-                             f"{grid.runs[-1].run_id}")
-        selected = [r for r in grid.runs if any(r.run_id in ids for ids in matched.values())]
+    selected = _select(grid, only)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "grid.json").write_text(json.dumps({"config": grid.source, "runs": [r.run_id for r in grid.runs],
@@ -85,5 +138,8 @@ def run_grid(config: str, out: str, limit: int | None = None, quiet: bool = Fals
 
 
 def main(args) -> int:
+    if args.plan:
+        print_plan(plan_grid(args.config, args.out, only=args.only), make_console())
+        return 0
     counts = run_grid(args.config, args.out, limit=args.limit, quiet=args.quiet, only=args.only)
     return 1 if counts["failed"] else 0

@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--only", action="append", metavar="GLOB",
                       help="run only the grid runs whose id matches (repeatable), e.g. 'simple-cnn-*-s0'")
     grid.add_argument("--quiet", action="store_true", help="no progress bar")
+    grid.add_argument("--plan", action="store_true",
+                      help="run nothing: list the pending runs and their time estimated from the finished ones")
     compare = sub.add_parser("compare", help="tables of finished runs side by side")
     compare.add_argument("runs", nargs="+", help="run directories")
     overhead = sub.add_parser("bench-overhead", help="Flower+Ray round time against a plain training loop")

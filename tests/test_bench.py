@@ -96,6 +96,27 @@ def test_against_fedavg_pairs_seeds_and_counts_rounds_to_fedavg_final():
     assert line["last_delta_mean"] == pytest.approx(((0.72333 - 0.6) + (0.4 - 0.53333)) / 2, abs=1e-4)
 
 
+def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "_run_one", lambda run: pytest.fail("--plan must not run anything"))
+    config = _grid_file(tmp_path, 'strategies = ["fedavg", "fusion"]\nseeds = [0, 1]\nlocal_epochs = [1, 3]\n'
+                                  '[base]\ndataset = "mnist-5k"\nclients = 4\n')
+    out = tmp_path / "out"
+    finished = {"simple-cnn-e1-dir0.5-fedavg-s0": 60.0, "simple-cnn-e1-dir0.5-fedavg-s1": 120.0,
+                "simple-cnn-e1-dir0.5-fusion-s0": 300.0, "simple-cnn-e3-dir0.5-fusion-s1": 600.0}
+    for run_id, wall in finished.items():
+        (out / "runs" / run_id).mkdir(parents=True)
+        (out / "runs" / run_id / "summary.json").write_text(f'{{"wall_s": {wall}}}')
+    plan = {(line["local_epochs"], line["strategy"]): line for line in bench.plan_grid(str(config), str(out))}
+    assert plan[1, "fedavg"]["pending"] == 0 and plan[1, "fedavg"]["minutes_per_run"] == pytest.approx(1.5)
+    assert plan[1, "fusion"]["pending"] == 1 and plan[1, "fusion"]["pending_hours"] == pytest.approx(300 / 3600)
+    assert plan[3, "fusion"]["minutes_per_run"] == pytest.approx(10.0)  # its own finished run, not the scaled e1
+    # No 3-epoch FedAvg run finished: the 1-epoch ones, times 3 epochs; centralised has nothing to go by.
+    assert plan[3, "fedavg"]["basis"] == "scaled from other local epochs"
+    assert plan[3, "fedavg"]["pending_hours"] == pytest.approx(2 * 3 * 90 / 3600)
+    assert plan[3, "centralised"]["pending"] == 2 and plan[3, "centralised"]["pending_hours"] is None
+    assert not (out / "report.md").exists()
+
+
 def _report_finals(report: str) -> dict[tuple[str, str], tuple[float, float]]:
     """The main table's (final accuracy, last-rounds mean) per (setting, strategy)."""
     finals = {}
