@@ -17,8 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from simulations.grid import CENTRALISED, Grid, GridRun, load_grid
-from simulations.report import _fmt, write_outputs
-from simulations.tables import make_console, print_tables
+from simulations.report import write_outputs
+from simulations.tables import make_console, optional, print_tables
 
 
 def _finished(run: GridRun) -> bool:
@@ -61,7 +61,7 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
         group = groups.setdefault(key, {"walls": [], "pending": 0})
         summary = Path(run.settings.out) / "summary.json"
         if summary.exists():
-            groups[key]["walls"].append(json.loads(summary.read_text())["wall_s"])
+            group["walls"].append(json.loads(summary.read_text())["wall_s"])
         else:
             group["pending"] += 1
     lines = []
@@ -88,8 +88,8 @@ def print_plan(lines: list[dict], console) -> None:
         table.add_column(column, justify="left" if column in ("model", "strategy", "basis") else "right")
     for line in lines:
         table.add_row(line["model"], str(line["local_epochs"]), line["strategy"], str(line["finished"]),
-                      str(line["pending"]), _fmt(line["minutes_per_run"], "{:.1f}"),
-                      _fmt(line["pending_hours"], "{:.1f}"), line["basis"])
+                      str(line["pending"]), optional(line["minutes_per_run"], "{:.1f}"),
+                      optional(line["pending_hours"], "{:.1f}"), line["basis"])
     known = [line["pending_hours"] for line in lines if line["pending"] and line["pending_hours"] is not None]
     unknown = sum(line["pending"] for line in lines if line["pending"] and line["pending_hours"] is None)
     print_tables(table, console=console)

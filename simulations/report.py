@@ -16,6 +16,7 @@ import numpy as np
 
 from server.results import read_jsonl
 from simulations.grid import CENTRALISED, Grid, split_label
+from simulations.tables import optional
 
 CSV_COLUMNS = ["run", "setting", "strategy", "seed", "model", "split", "local_epochs", "round", "accuracy",
                "loss", "bytes_up", "bytes_down", "bytes_total", "round_s", "aggregate_s", "selected"]
@@ -131,10 +132,6 @@ def against_fedavg(rows: list[dict]) -> list[dict]:
     return lines
 
 
-def _fmt(value, spec: str = "{:.4f}") -> str:
-    return "-" if value is None else spec.format(value)
-
-
 def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[dict],
                  comparisons: list[dict] = ()) -> None:
     target = grid.target_accuracy
@@ -157,9 +154,9 @@ def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[di
         text.append(
             f"| {line['setting']} | {line['strategy']} | {line['seeds']} | "
             f"{_mean_std(line['final_mean'], line['final_std'])} | {_mean_std(line['last_mean'], line['last_std'])} "
-            f"| {line['reached']}/{line['seeds']} | {_fmt(line['rounds_to_target'], '{:.1f}')} "
-            f"| {_fmt(line['mb_to_target'], '{:.1f}')} | {_fmt(line['s_per_round'], '{:.1f}')} "
-            f"| {_fmt(line['ensemble_mean'])} |")
+            f"| {line['reached']}/{line['seeds']} | {optional(line['rounds_to_target'], '{:.1f}')} "
+            f"| {optional(line['mb_to_target'], '{:.1f}')} | {optional(line['s_per_round'], '{:.1f}')} "
+            f"| {optional(line['ensemble_mean'])} |")
     if comparisons:
         text += [
             "", "## Against FedAvg", "",
@@ -178,7 +175,7 @@ def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[di
                 f"| {_mean_std(c['delta_mean'], c['delta_std'], 2, 100, signed=True)} | {c['wins']}/{c['seeds']} "
                 f"| {_mean_std(c['last_delta_mean'], c['last_delta_std'], 2, 100, signed=True)} "
                 f"| {c['reached']}/{c['seeds']} "
-                f"| {_fmt(c['rounds_to_fedavg_final'], '{:.1f}')} | {c['fedavg_rounds']:.1f} |")
+                f"| {optional(c['rounds_to_fedavg_final'], '{:.1f}')} | {c['fedavg_rounds']:.1f} |")
     text += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in sorted(out_dir.glob("*.png"))), ""]
     if failures:
         text += ["## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in failures] + [""]

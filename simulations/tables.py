@@ -35,12 +35,12 @@ SUMMARY_COLUMNS = [
     ("MB down", lambda s, d: f"{s['bytes_down'] / 1e6:.2f}"),
     ("s/round", lambda s, d: f"{s['mean_round_s']:.2f}"),
     ("aggregate s", lambda s, d: f"{s['mean_aggregate_s']:.4f}"),
-    ("clients used", lambda s, d: _optional(s.get("mean_clients_used"), "{:.1f}")),
-    ("attribution s", lambda s, d: _optional(s.get("mean_attribution_s"), "{:.2f}")),
-    ("fusion s", lambda s, d: _optional(s.get("mean_fusion_s"), "{:.2f}")),
-    ("fit loss after/before", lambda s, d: _optional(_fit_ratio(s), "{:.3f}")),
-    ("moved", lambda s, d: _optional(s.get("mean_assignment_moved"), "{:.3f}")),
-    ("fused rounds", lambda s, d: _optional(s.get("rounds_fusion_selected"), "{}")),
+    ("clients used", lambda s, d: optional(s.get("mean_clients_used"), "{:.1f}")),
+    ("attribution s", lambda s, d: optional(s.get("mean_attribution_s"), "{:.2f}")),
+    ("fusion s", lambda s, d: optional(s.get("mean_fusion_s"), "{:.2f}")),
+    ("fit loss after/before", lambda s, d: optional(_fit_ratio(s), "{:.3f}")),
+    ("moved", lambda s, d: optional(s.get("mean_assignment_moved"), "{:.3f}")),
+    ("fused rounds", lambda s, d: optional(s.get("rounds_fusion_selected"), "{}")),
 ]
 
 
@@ -52,7 +52,8 @@ def _fit_ratio(summary: dict) -> float | None:
     return float(np.mean([a / b if b > 0 else 1.0 for a, b in zip(after, before)]))
 
 
-def _optional(value, fmt: str) -> str:
+def optional(value, fmt: str = "{:.4f}") -> str:
+    """The value formatted, or "-" when there is none."""
     return "-" if value is None else fmt.format(value)
 
 
