@@ -16,7 +16,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 DEMO_ARGS := --dataset fashion-mnist --partition dirichlet --alpha 0.5 --clients 10 \
              --rounds 5 --local-epochs 1 --model simple-cnn --no-projection --seed 0 --quiet
 
-.PHONY: setup demo test test-slow bench bench-one-shot bench-fusion-then-fedavg bench-smoke bench-micro bench-overhead bench-projection bench-fusion clean
+.PHONY: setup demo test test-slow bench bench-plan bench-one-shot bench-fusion-then-fedavg bench-smoke bench-micro bench-overhead bench-projection bench-fusion clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -50,6 +50,10 @@ test-slow: setup
 BENCH_ONLY ?= *
 bench: setup
 	$(BIN)/fedfuse bench simulations/configs/fmnist-noniid.toml --out results/fmnist-noniid --only '$(BENCH_ONLY)'
+
+# What is left of the headline grid and how long it should take, from its finished runs.
+bench-plan: setup
+	$(BIN)/fedfuse bench simulations/configs/fmnist-noniid.toml --out results/fmnist-noniid --only '$(BENCH_ONLY)' --plan
 
 # One-shot federated learning (one round of 20 local epochs, the small CNN, the same
 # splits): about 10 minutes per seed here. Records in results/one-shot.

@@ -55,17 +55,21 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
     runs of the same group, or else of the same model and strategy at other local
     epochs, scaled by the epochs (client training dominates a round). Runs nothing."""
     grid = load_grid(config, out)
+    selected = {run.run_id for run in _select(grid, only)}
     groups: dict[tuple, dict] = {}
-    for run in _select(grid, only):
+    for run in grid.runs:  # estimates draw on every finished run, the slice or not
         key = (run.settings.model, run.settings.local_epochs, run.strategy)
-        group = groups.setdefault(key, {"walls": [], "pending": 0})
+        group = groups.setdefault(key, {"walls": [], "finished": 0, "pending": 0, "selected": False})
+        in_slice = run.run_id in selected
+        group["selected"] |= in_slice
         summary = Path(run.settings.out) / "summary.json"
         if summary.exists():
             group["walls"].append(json.loads(summary.read_text())["wall_s"])
-        else:
-            group["pending"] += 1
+        group["finished" if summary.exists() else "pending"] += in_slice
     lines = []
     for (model, epochs, strategy), group in groups.items():
+        if not group["selected"]:
+            continue
         per_run, basis = None, "no finished run to go by"
         if group["walls"]:
             per_run, basis = sum(group["walls"]) / len(group["walls"]), "measured"
@@ -75,7 +79,7 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
             if scaled:
                 per_run = sum(scaled) / len(scaled)
                 basis = "scaled from other local epochs"
-        lines.append({"model": model, "local_epochs": epochs, "strategy": strategy, "finished": len(group["walls"]),
+        lines.append({"model": model, "local_epochs": epochs, "strategy": strategy, "finished": group["finished"],
                       "pending": group["pending"], "minutes_per_run": None if per_run is None else per_run / 60,
                       "pending_hours": None if per_run is None else per_run * group["pending"] / 3600,
                       "basis": basis})
@@ -93,8 +97,10 @@ def print_plan(lines: list[dict], console) -> None:
     known = [line["pending_hours"] for line in lines if line["pending"] and line["pending_hours"] is not None]
     unknown = sum(line["pending"] for line in lines if line["pending"] and line["pending_hours"] is None)
     print_tables(table, console=console)
-    console.print(f"pending: {sum(line['pending'] for line in lines)} run(s), about {sum(known):.1f} h "
-                  f"for those with an estimate" + (f"; {unknown} without one" if unknown else ""))
+    pending = sum(line["pending"] for line in lines)
+    console.print(f"pending: {pending} run(s)" + (f", about {sum(known):.1f} h for the {pending - unknown} with an "
+                                                   "estimate" if pending > unknown else "")
+                  + (f"; {unknown} without one" if unknown else ""))
 
 
 def run_grid(config: str, out: str, limit: int | None = None, quiet: bool = False,

@@ -114,6 +114,11 @@ def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp
     assert plan[3, "fedavg"]["basis"] == "scaled from other local epochs"
     assert plan[3, "fedavg"]["pending_hours"] == pytest.approx(2 * 3 * 90 / 3600)
     assert plan[3, "centralised"]["pending"] == 2 and plan[3, "centralised"]["pending_hours"] is None
+    # A slice lists its own runs only, still estimated from every finished run of the grid.
+    sliced = bench.plan_grid(str(config), str(out), only=["*-e3-*-fedavg-s1"])
+    assert [(line["local_epochs"], line["strategy"], line["finished"], line["pending"]) for line in sliced] == [
+        (3, "fedavg", 0, 1)]
+    assert sliced[0]["minutes_per_run"] == pytest.approx(3 * 90 / 60)
     assert not (out / "report.md").exists()
 
 
