@@ -154,6 +154,7 @@ BENCHMARKS = {
     "bench-fusion": "simulations.bench_fusion",
     "bench-fusion-cost": "simulations.bench_fusion_cost",
     "bench-fusion-round": "simulations.bench_fusion_round",
+    "bench-fusion-target": "simulations.bench_fusion_target",
     "bench-soak": "simulations.bench_soak",
 }
 
@@ -233,6 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     per_round.add_argument("--seed", type=int, default=0)
     per_round.add_argument("--out", default="runs/bench-fusion-round")
     per_round.add_argument("--force", action="store_true", help="rerun federations that finished earlier")
+    target = sub.add_parser("bench-fusion-target",
+                            help="per FedAvg round: the average against the class-weighted ensemble fusion fits")
+    target.add_argument("--model", default="simple-cnn")
+    target.add_argument("--resolution", type=int, default=0)
+    target.add_argument("--dataset", default="fashion-mnist")
+    target.add_argument("--partition", default="dirichlet")
+    target.add_argument("--alpha", type=float, default=0.1)
+    target.add_argument("--classes-per-client", type=int, default=2)
+    target.add_argument("--clients", type=int, default=10)
+    target.add_argument("--rounds", type=int, default=10)
+    target.add_argument("--local-epochs", type=int, default=1)
+    target.add_argument("--lr", type=float, default=0.01)
+    target.add_argument("--test-size", type=int, default=10000)
+    target.add_argument("--threads", type=int, default=1)
+    target.add_argument("--seed", type=int, default=0)
+    target.add_argument("--out", default="runs/bench-fusion-target")
     soak = sub.add_parser("bench-soak", help="a long federation: memory at rounds 5 and 30, seconds per round")
     soak.add_argument("--strategy", default="fedavg")
     soak.add_argument("--dataset", default="fashion-mnist")

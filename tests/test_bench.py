@@ -1,6 +1,7 @@
 """The benchmark grid: config checks, outputs, resume, failures."""
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -163,3 +164,21 @@ def test_smoke_grid_writes_every_output_and_resumes_without_redoing_runs(tmp_pat
     delta = re.search(r"\| simple-cnn-e2-dir0.5 \| fusion \| 1 \| ([+-][0-9.]+) \|", report)
     fedavg_final, fusion_final = (last[("simple-cnn-e2-dir0.5", s)] for s in ("fedavg", "fusion"))
     assert float(delta.group(1)) == pytest.approx(100 * (fusion_final - fedavg_final), abs=0.01)
+
+
+def test_fusion_target_beats_the_average_after_a_skewed_round_and_bad_input_stops_it(tmp_path, capsys):
+    from simulations.cli import main
+
+    out = tmp_path / "target"
+    args = ["bench-fusion-target", "--dataset", "mnist-5k", "--clients", "5", "--alpha", "0.1", "--rounds", "2",
+            "--local-epochs", "5", "--lr", "0.05", "--out", str(out)]
+    assert main(args) == 0
+    rows = json.loads((out / "fusion_target.json").read_text())["rounds"]
+    assert [row["round"] for row in rows] == [1, 2]
+    # Five clients that each saw a few classes for 5 epochs: their average is poor, and the
+    # class-weighted logits (each class from the clients that hold it) beat both it and
+    # the plain output ensemble.
+    first = rows[0]
+    assert first["fusion_target"] > first["average"] + 0.2 and first["fusion_target"] > first["ensemble"] + 0.05
+    assert main(args[:-2] + ["--alpha", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--alpha must be > 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -105,6 +105,19 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean())
 
 
+def head_targets(logits: list[torch.Tensor], class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused head's target: the models' mean logits, each class's logit weighted per
+    model by `class_weights` (models x classes, e.g. class counts; equal when None)."""
+    weights = torch.ones(len(logits), logits[0].shape[1]) if class_weights is None else class_weights.double()
+    weights = weights / weights.sum(0, keepdim=True).clamp_min(1e-12)
+    # Per-class weights apply to logits centred per sample (softmax ignores the shift):
+    # models' different logit offsets would otherwise favour classes. The models' mean
+    # offset is added back, so identical models give back their own logits.
+    offsets = [a.double().mean(1, keepdim=True) for a in logits]
+    return (sum(w[None, :] * (a.double() - o) for w, a, o in zip(weights, logits, offsets))
+            + sum(offsets) / len(offsets)).float()
+
+
 def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Tensor]] | None = None,
          width: int | None = None, *, class_weights: torch.Tensor | None = None, fit: str = "auto",
          ridge: float | None = None, grad_steps: int = 100, max_dim: int = 4096, restarts: bool = True,
@@ -166,14 +179,7 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
             current = level.probe(fused_probe_in)
 
         if level.kind == "head":
-            weights = torch.ones(len(models), current.shape[1]) if class_weights is None else class_weights.double()
-            weights = weights / weights.sum(0, keepdim=True).clamp_min(1e-12)
-            # Per-class weights apply to logits centred per sample (softmax ignores the shift):
-            # models' different logit offsets would otherwise favour classes. The models'
-            # mean offset is added back, so identical models give back their own logits.
-            offsets = [a.double().mean(1, keepdim=True) for a in client_acts]
-            targets = (sum(w[None, :] * (a.double() - o) for w, a, o in zip(weights, client_acts, offsets))
-                       + sum(offsets) / len(offsets)).float()
+            targets = head_targets(client_acts, class_weights)
             matching_cost, moved, init = _mse(current, targets) / max(_mse(targets, 0 * targets), 1e-12), 0.0, "classes"
         else:
             scores = [torch.ones(level.width) for _ in models] if attributions is None \

@@ -1,0 +1,92 @@
+"""Benchmark: what fusion aims at, against what FedAvg reaches, round by round.
+
+A FedAvg federation (the clients' own training code, the same partition as `fedfuse
+run`, in one process without Flower or Ray). After every round's client training, the
+test accuracy of: FedAvg's weighted average of the clients' models; their output
+ensemble (mean softmax, the reports' reference); and the class-weighted mean of their
+logits, which is the target fusion fits its head to (`head_targets`). Fusion
+reproduces that target closely, so it can only beat averaging in rounds where the
+target beats the average."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+import data
+import models
+from clients.local_update import local_update
+from clients.task import TrainTask
+from server.settings import RunSettings, default_projection
+from simulations.tables import make_console, print_tables
+from strategies.fusion import average_models, head_targets
+
+
+@torch.no_grad()
+def round_figures(client_models: list, sizes: list[int], class_counts: list[list[int]], test) -> dict:
+    """Test accuracy of the average, the output ensemble and fusion's head target."""
+    average = average_models(client_models, sizes).eval()
+    counts = torch.tensor(class_counts, dtype=torch.float64)
+    hits = {"average": 0, "ensemble": 0, "fusion_target": 0}
+    seen = 0
+    for inputs, labels in test:
+        logits = [m.eval()(inputs) for m in client_models]
+        outputs = {"average": average(inputs), "ensemble": sum(x.softmax(1) for x in logits),
+                   "fusion_target": head_targets(logits, counts)}
+        for name, out in outputs.items():
+            hits[name] += (out.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    return {name: count / seen for name, count in hits.items()}, average
+
+
+def run(task: TrainTask, rounds: int, test_size: int) -> list[dict]:
+    federation = data.build_federation(task.federation)
+    template = task.build_model(federation.num_classes)
+    spec = task.input_spec(federation.data)
+    test = data.BatchLoader(federation.data.test_images[:test_size], federation.data.test_labels[:test_size], spec, 500)
+    state = models.exchanged_state(template)
+    rows = []
+    for server_round in range(1, rounds + 1):
+        round_task = replace(task, server_round=server_round)
+        updates = [local_update(round_task, p, state) for p in range(task.federation.clients)]
+        client_models = []
+        for update in updates:
+            model = copy.deepcopy(template)
+            models.load_exchanged_state(model, update.state)
+            client_models.append(model)
+        figures, average = round_figures(client_models, [u.metrics["num-examples"] for u in updates],
+                                         [u.class_counts for u in updates], test)
+        rows.append({"round": server_round, **figures})
+        state = models.exchanged_state(average)
+    return rows
+
+
+def main(args) -> int:
+    settings = RunSettings(
+        strategy="fedavg", model=args.model, projection=default_projection(args.model, True),
+        resolution=args.resolution, rounds=args.rounds, local_epochs=args.local_epochs, lr=args.lr,
+        federation=data.FederationSpec(dataset=args.dataset, partition=args.partition, alpha=args.alpha,
+                                       classes_per_client=args.classes_per_client, clients=args.clients,
+                                       seed=args.seed))
+    settings.validate()  # bad input fails here, before any training
+    torch.set_num_threads(max(1, args.threads))
+    rows = run(replace(settings.train_task(), share_class_counts=True), args.rounds, args.test_size)
+    split = f"Dirichlet {args.alpha}" if args.partition == "dirichlet" else (
+        f"#C={args.classes_per_client}" if args.partition == "pathological" else args.partition)
+    table = Table(title=f"fusion's target against FedAvg's average, test accuracy: {args.model}, {args.dataset}, "
+                        f"{split}, {args.clients} clients, {args.local_epochs} local epoch(s), seed {args.seed}")
+    for column in ("round", "average (FedAvg)", "ensemble (mean softmax)", "fusion's target", "target - average"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row["round"]), f"{row['average']:.4f}", f"{row['ensemble']:.4f}",
+                      f"{row['fusion_target']:.4f}", f"{100 * (row['fusion_target'] - row['average']):+.1f}")
+    print_tables(table, console=make_console())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fusion_target.json").write_text(json.dumps({"args": vars(args), "rounds": rows}, indent=2, default=str))
+    return 0
