@@ -180,5 +180,7 @@ def test_fusion_target_beats_the_average_after_a_skewed_round_and_bad_input_stop
     # the plain output ensemble.
     first = rows[0]
     assert first["fusion_target"] > first["average"] + 0.2 and first["fusion_target"] > first["ensemble"] + 0.05
+    # The fused model of the same updates follows its target, not the average.
+    assert first["fused_agrees"] > 0.85 and first["fused"] > first["average"] + 0.2
     assert main(args[:-2] + ["--alpha", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--alpha must be > 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
