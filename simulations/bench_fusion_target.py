@@ -30,11 +30,11 @@ from strategies.fusion import average_models, fuse, head_targets
 
 
 @torch.no_grad()
-def round_figures(client_models: list, sizes: list[int], class_counts: list[list[int]], fused, test) -> dict:
-    """Test accuracy of the average, the output ensemble, fusion's head target and the
-    fused model, and how often the fused model predicts what the target does."""
+def round_figures(client_models: list, sizes: list[int], counts: torch.Tensor, fused, test) -> tuple[dict, object]:
+    """Test accuracy of the average, the output ensemble, fusion's head target (class
+    `counts`: models x classes) and the fused model, and how often the fused model
+    predicts what the target does; and the average itself."""
     average = average_models(client_models, sizes).eval()
-    counts = torch.tensor(class_counts, dtype=torch.float64)
     hits = {"average": 0, "ensemble": 0, "fusion_target": 0, "fused": 0, "fused_agrees": 0}
     seen = 0
     for inputs, labels in test:
@@ -65,13 +65,13 @@ def run(task: TrainTask, rounds: int, test_size: int) -> list[dict]:
             model = copy.deepcopy(template)
             models.load_exchanged_state(model, update.state)
             client_models.append(model)
+        counts = torch.tensor([u.class_counts for u in updates], dtype=torch.float64)
         # As the server's fusion round does: every client started from one model, no restarts.
         fused, _ = fuse(client_models, proxy, [[torch.from_numpy(u.attributions[level.name]) for level in
                                                  models.levels(template)] for u in updates],
-                        class_weights=torch.tensor([u.class_counts for u in updates], dtype=torch.float64),
-                        restarts=False, seed=task.federation.seed + server_round)
-        figures, average = round_figures(client_models, [u.metrics["num-examples"] for u in updates],
-                                         [u.class_counts for u in updates], fused, test)
+                        class_weights=counts, restarts=False, seed=task.federation.seed + server_round)
+        figures, average = round_figures(client_models, [u.metrics["num-examples"] for u in updates], counts,
+                                         fused, test)
         rows.append({"round": server_round, **figures})
         state = models.exchanged_state(average)
     return rows

@@ -103,7 +103,7 @@ class RecordedRounds:
             line.update(status="ok", **_client_fields(msg))
             valid.append(msg)
             record.clients_ok += 1
-            record.bytes_up += uplink_bytes(msg.content)
+            record.bytes_up += line["bytes_up"]
         record.clients.sort(key=lambda c: c["partition"])
         # Floating-point sums depend on order: aggregate in partition order, not arrival order.
         valid.sort(key=self._partition)
