@@ -68,11 +68,11 @@ bench-fusion-then-fedavg: setup
 # Why multi-round fusion trails FedAvg: per FedAvg round, the average against the
 # class-weighted ensemble fusion fits (small CNN, the headline's splits; ~15 minutes here).
 bench-fusion-target: setup
-	for seed in 0 1 2; do $(BIN)/fedfuse bench-fusion-target --alpha 0.1 --seed $$seed --out runs/bench-fusion-target/dir0.1-e1-s$$seed; done
-	$(BIN)/fedfuse bench-fusion-target --alpha 0.1 --local-epochs 5 --out runs/bench-fusion-target/dir0.1-e5-s0
-	$(BIN)/fedfuse bench-fusion-target --partition pathological --out runs/bench-fusion-target/C2-e1-s0
-	$(BIN)/fedfuse bench-fusion-target --partition pathological --local-epochs 5 --out runs/bench-fusion-target/C2-e5-s0
-	$(BIN)/fedfuse bench-fusion-target --alpha 0.5 --out runs/bench-fusion-target/dir0.5-e1-s0
+	for seed in 0 1 2; do $(BIN)/fedfuse lab fusion-target --alpha 0.1 --seed $$seed --out runs/bench-fusion-target/dir0.1-e1-s$$seed; done
+	$(BIN)/fedfuse lab fusion-target --alpha 0.1 --local-epochs 5 --out runs/bench-fusion-target/dir0.1-e5-s0
+	$(BIN)/fedfuse lab fusion-target --partition pathological --out runs/bench-fusion-target/C2-e1-s0
+	$(BIN)/fedfuse lab fusion-target --partition pathological --local-epochs 5 --out runs/bench-fusion-target/C2-e5-s0
+	$(BIN)/fedfuse lab fusion-target --alpha 0.5 --out runs/bench-fusion-target/dir0.5-e1-s0
 
 bench-smoke: setup
 	$(BIN)/fedfuse bench simulations/configs/smoke.toml --out runs/bench-smoke
@@ -81,18 +81,18 @@ bench-smoke: setup
 bench-micro: bench-overhead bench-projection bench-fusion
 
 bench-overhead: setup
-	$(BIN)/fedfuse bench-overhead --clients 10 --rounds 3 --out runs/bench-overhead
+	$(BIN)/fedfuse lab overhead --clients 10 --rounds 3 --out runs/bench-overhead
 
 bench-projection: setup
-	$(BIN)/fedfuse bench-projection --resolution 64 --batch-size 32 --repeats 15
+	$(BIN)/fedfuse lab projection --resolution 64 --batch-size 32 --repeats 15
 
 # Fusion: zero-shot against averaging and the ensemble (2 and 4 models), cost by number
 # of models, and a 10-round federation against FedAvg at Dirichlet 0.1.
 bench-fusion: setup
-	$(BIN)/fedfuse bench-fusion --models 2
-	$(BIN)/fedfuse bench-fusion --models 4
-	$(BIN)/fedfuse bench-fusion-cost
-	$(BIN)/fedfuse bench-fusion-round --alpha 0.1 --clients 10 --rounds 10 --out runs/bench-fusion-round
+	$(BIN)/fedfuse lab fusion --models 2
+	$(BIN)/fedfuse lab fusion --models 4
+	$(BIN)/fedfuse lab fusion-cost
+	$(BIN)/fedfuse lab fusion-round --alpha 0.1 --clients 10 --rounds 10 --out runs/bench-fusion-round
 
 clean:
 	rm -rf runs .pytest_cache

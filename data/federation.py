@@ -6,47 +6,35 @@ seeded, so they agree on every index without shipping any data.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from data.datasets import ImageDataset, load
-from data.partition import class_histogram, hold_out, partition
-
-
-def fields_from_mapping(cls, values, skip: tuple[str, ...] = ()) -> dict:
-    """Keyword arguments for dataclass `cls` from a flat mapping such as Flower's run
-    config or a ConfigRecord: kebab- or snake-case keys, values cast to each field's
-    default type, unknown keys ignored."""
-    kwargs = {}
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        for key in (f.name, f.name.replace("_", "-")):
-            if key in values:
-                kwargs[f.name] = type(f.default)(values[key])
-    return kwargs
+from data.datasets import ImageDataset, load, names
+from data.partition import SCHEMES, class_histogram, hold_out, partition
+from data.settings import setting, whole
 
 
 @dataclass(frozen=True)
 class FederationSpec:
-    dataset: str = "fashion-mnist"
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    classes_per_client: int = 2
-    clients: int = 10
-    proxy_size: int = 1000
-    seed: int = 0
-    data_root: str = ""  # "" means the dataset's default folder
-    download: bool = False
+    """The data side of a run: which dataset, how it is split, the proxy hold-out."""
+
+    dataset: str = setting("fashion-mnist", "fashion-mnist (Debian package), cifar10 (local folder), mnist-5k, "
+                           "digits, synthetic", choices=names)
+    partition: str = setting("dirichlet", "label skew: iid, dirichlet (--alpha) or pathological (#C classes)",
+                             choices=SCHEMES)
+    alpha: float = setting(0.5, "Dirichlet concentration: smaller is more skewed")
+    classes_per_client: int = setting(2, "#C for the pathological partition", check=whole(1))
+    clients: int = setting(10, "number of simulated clients", check=whole(1))
+    proxy_size: int = setting(1000, "training samples held out as the server's unlabeled proxy set",
+                              check=whole(0))
+    seed: int = setting(0, "same seed, same partition, sampled clients and shuffles", check=whole(0, "must be >= 0"))
+    data_root: str = setting("", "folder of the dataset's files (default: its offline location)")
+    download: bool = setting(False, "allow downloading the dataset (online only)")
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_mapping(cls, values) -> "FederationSpec":
-        return cls(**fields_from_mapping(cls, values))
 
 
 @dataclass(frozen=True)

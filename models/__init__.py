@@ -16,10 +16,12 @@ from models.state import (
     exchanged_state,
     load_exchanged_state,
     state_bytes,
+    with_state,
 )
 
 __all__ = [
     "POINTWISE_POLICIES", "Level", "ModelError", "ModelInfo", "ProjectedConv2d", "ProjectedLinear", "create",
     "exchanged_names", "exchanged_state", "fold", "format_report", "info", "is_projected",
     "levels", "load_exchanged_state", "names", "parameter_report", "project", "register", "state_bytes",
+    "with_state",
 ]

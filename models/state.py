@@ -5,6 +5,7 @@ training, and a global model evaluated with stale statistics would be wrong."""
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import numpy as np
@@ -40,6 +41,14 @@ def load_exchanged_state(model: nn.Module, arrays: dict[str, np.ndarray]) -> Non
             if value.shape != state[name].shape:
                 raise ValueError(f"state mismatch: {name} has shape {tuple(value.shape)}, expected {tuple(state[name].shape)}")
             state[name].copy_(value)
+
+
+def with_state(template: nn.Module, arrays) -> nn.Module:
+    """A copy of `template` holding the exchanged tensors `arrays` (numpy arrays, or
+    anything with `.numpy()` such as Flower's ArrayRecord values)."""
+    model = copy.deepcopy(template)
+    load_exchanged_state(model, {k: v if isinstance(v, np.ndarray) else v.numpy() for k, v in arrays.items()})
+    return model
 
 
 def state_bytes(arrays: dict[str, np.ndarray]) -> int:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import random
 import time
+from dataclasses import dataclass
 from functools import partial
 from logging import INFO
 
@@ -27,8 +27,8 @@ import strategies
 from clients.training import ensemble_accuracy, evaluate
 from data import BatchLoader, build_federation, label_skew
 from server.progress import ProgressGrid, RunProgress
-from server.results import RunDirectory, read_jsonl
-from server.settings import RunSettings, SettingsError
+from server.results import RunDirectory, read_clients, summarise
+from server.settings import RESUMABLE_CHANGES, RunSettings, SettingsError
 from strategies.messages import array_record
 
 app = ServerApp()
@@ -37,9 +37,16 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run .`: settings come from [tool.flwr.app.config]."""
-    settings = RunSettings.from_mapping(context.run_config)
-    settings.validate()
+    settings = settings_from_run_config(context.run_config)
     run_federation(grid, settings, RunProgress(settings.total_rounds, enabled=False))
+
+
+def settings_from_run_config(run_config) -> RunSettings:
+    """`flwr run .`'s door: [tool.flwr.app.config] and its --run-config overrides, checked
+    in full as `fedfuse run` checks its flags."""
+    settings = RunSettings.from_mapping(run_config)
+    settings.validate()
+    return settings
 
 
 def map_nodes_to_partitions(grid: Grid, expected_clients: int, timeout: float = 600.0) -> dict[int, int]:
@@ -75,10 +82,7 @@ def map_nodes_to_partitions(grid: Grid, expected_clients: int, timeout: float = 
 
 def _resumable(settings: RunSettings) -> dict:
     """The settings a resumed run must share with the interrupted one."""
-    values = settings.to_dict()
-    for key in ("out", "resume", "ray_address", "ray_num_cpus", "ray_num_gpus", "client_cpus", "client_gpus"):
-        values.pop(key, None)
-    return values
+    return {k: v for k, v in settings.to_dict().items() if k not in RESUMABLE_CHANGES}
 
 
 def _resume_point(out: RunDirectory, settings: RunSettings) -> dict | None:
@@ -105,16 +109,46 @@ def _restore_rng(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _ensemble_accuracy(template, updates: list[ArrayRecord], test_loader) -> float | None:
-    """Test accuracy of the output ensemble of the last round's valid client models."""
-    if not updates:
-        return None
-    client_models = []
-    for arrays in updates:
-        client_model = copy.deepcopy(template)
-        models.load_exchanged_state(client_model, {k: v.numpy() for k, v in arrays.items()})
-        client_models.append(client_model)
-    return ensemble_accuracy(client_models, test_loader)
+def _open_run_directory(settings: RunSettings, federation) -> tuple[RunDirectory, dict | None]:
+    """A fresh run directory, or with --resume the last complete round's checkpoint
+    (records of a round cut off by the kill dropped, random states restored)."""
+    out = RunDirectory(settings.out)
+    checkpoint = _resume_point(out, settings) if settings.resume else None
+    if checkpoint is None:
+        histogram = federation.histogram()
+        out.start(settings.to_dict(), {
+            "classes": list(federation.data.classes), "histogram": histogram,
+            "proxy_size": len(federation.proxy_indices), "label_skew": label_skew(histogram),
+        })
+    else:
+        out.keep_rounds(checkpoint["round"])
+        _restore_rng(checkpoint["rng"])
+        log(INFO, "fedfuse: resuming %s after round %d", settings.out, checkpoint["round"])
+    return out, checkpoint
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Rounds `first + 1 .. last` of the run, projected or (after folding) fully fine-tuned;
+    `restore`: load the checkpoint's model into it (the kill came inside it or at its end)."""
+
+    full_finetune: bool
+    first: int
+    last: int
+    restore: bool
+
+
+def plan_phases(rounds: int, full_finetune_rounds: int, resume_round: int) -> list[Phase]:
+    """The phases still to run after `resume_round` complete rounds (0: a fresh run),
+    and the finished phases that only need the checkpoint's model."""
+    phases, done = [], 0
+    for count, full_finetune in ((rounds, False), (full_finetune_rounds, True)):
+        if count == 0:
+            continue
+        first = min(max(done, resume_round), done + count)
+        phases.append(Phase(full_finetune, first, done + count, restore=done < resume_round <= done + count))
+        done += count
+    return phases
 
 
 def _memory_mb() -> float:
@@ -131,17 +165,52 @@ def _memory_mb() -> float:
     return total / 1e6
 
 
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
+class RoundRecorder:
+    """Flower's central evaluation hook: tests each round's global model, then writes the
+    round's metrics and client lines and the checkpoint."""
+
+    def __init__(self, settings: RunSettings, out: RunDirectory, federation, test_loader, progress: RunProgress,
+                 history: list[dict]):
+        self.settings, self.out, self.test_loader, self.progress = settings, out, test_loader, progress
+        self.histogram = federation.histogram()
+        self.history = history
+        self.model = None  # the phase's model, set before each phase
+
+    def evaluate(self, strategy, full_finetune: bool, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        models.load_exchanged_state(self.model, {k: v.numpy() for k, v in arrays.items()})
+        result = evaluate(self.model, self.test_loader)
+        if server_round == 0:  # the phase's starting model
+            if not self.history:
+                self.history.append({"round": 0, "accuracy": result["accuracy"], "loss": result["loss"]})
+        else:
+            self._write_round(strategy.current, result, full_finetune, arrays)
+        return MetricRecord({"accuracy": result["accuracy"], "loss": result["loss"]})
+
+    def _write_round(self, record, result: dict, full_finetune: bool, arrays: ArrayRecord) -> None:
+        row = {
+            "round": record.server_round, "accuracy": result["accuracy"], "loss": result["loss"],
+            "bytes_up": record.bytes_up, "bytes_down": record.bytes_down, "aggregate_s": record.aggregate_s,
+            "round_s": time.perf_counter() - record.started, "clients_ok": record.clients_ok,
+            "clients_failed": record.clients_failed, "clients_rejected": record.clients_rejected,
+            "projected": not full_finetune and self.settings.task.projection, "rss_mb": _memory_mb(), **record.extra,
+        }
+        self.history.append(row)
+        self.out.append_round(row, [
+            {**line, "class_counts": self.histogram[line["partition"]]} if line["partition"] >= 0 else line
+            for line in record.clients
+        ])
+        # After the round's records: a kill before this line redoes the round on resume.
+        self.out.save_checkpoint({
+            "round": record.server_round, "full_finetune": full_finetune, "settings": _resumable(self.settings),
+            "arrays": {k: v.numpy() for k, v in arrays.items()}, "history": self.history, "rng": _rng_state(),
+        })
+        self.progress.round_done(row)
 
 
-def _per_level_mean(per_round: list[list[float]]) -> list[float] | None:
-    """Mean over rounds, level by level, of the rounds with the last round's levels (a
-    full fine-tuning phase after projection may change them)."""
-    if not per_round:
-        return None
-    same = [r for r in per_round if len(r) == len(per_round[-1])]
-    return np.mean(np.array(same, dtype=float), 0).tolist()
+def _ensemble_accuracy(template, updates: list[ArrayRecord], test_loader) -> float | None:
+    """Test accuracy of the output ensemble of the last round's valid client models."""
+    return ensemble_accuracy([models.with_state(template, arrays) for arrays in updates], test_loader) \
+        if updates else None
 
 
 def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> dict:
@@ -152,22 +221,8 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
     started = time.perf_counter()
     spec = settings.federation
     federation = build_federation(spec)
-    histogram = federation.histogram()
     node_to_partition = map_nodes_to_partitions(grid, spec.clients)
-    out = RunDirectory(settings.out)
-    checkpoint = _resume_point(out, settings) if settings.resume else None
-    if checkpoint is None:
-        out.start(settings.to_dict(), {
-            "classes": list(federation.data.classes),
-            "histogram": histogram,
-            "proxy_size": len(federation.proxy_indices),
-            "label_skew": label_skew(histogram),
-        })
-    else:
-        out.keep_rounds(checkpoint["round"])
-        _restore_rng(checkpoint["rng"])
-        log(INFO, "fedfuse: resuming %s after round %d", settings.out, checkpoint["round"])
-
+    out, checkpoint = _open_run_directory(settings, federation)
     task = settings.train_task()
     model = task.build_model(federation.num_classes)
     test_loader = BatchLoader(federation.data.test_images, federation.data.test_labels,
@@ -176,123 +231,43 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
     proxy = torch.cat(list(BatchLoader(federation.proxy_images(), None, task.input_spec(federation.data), 256))) \
         if settings.strategy == "fusion" else None
     sampler = strategies.PartitionSampler(node_to_partition, settings.fraction, settings.min_clients, spec.seed)
-    history: list[dict] = list(checkpoint["history"]) if checkpoint else []
+    recorder = RoundRecorder(settings, out, federation, test_loader, progress,
+                             list(checkpoint["history"]) if checkpoint else [])
     log(INFO, "fedfuse: %s on %s (%s), %d clients, %d rounds",
         settings.strategy, spec.dataset, spec.partition, spec.clients, settings.total_rounds)
 
-    def central_evaluation(strategy, full_finetune: bool, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        models.load_exchanged_state(model, {k: v.numpy() for k, v in arrays.items()})
-        result = evaluate(model, test_loader)
-        metrics = MetricRecord({"accuracy": result["accuracy"], "loss": result["loss"]})
-        if server_round == 0:  # the phase's starting model
-            if not history:
-                history.append({"round": 0, "accuracy": result["accuracy"], "loss": result["loss"]})
-            return metrics
-        record = strategy.current
-        row = {
-            "round": record.server_round,
-            "accuracy": result["accuracy"],
-            "loss": result["loss"],
-            "bytes_up": record.bytes_up,
-            "bytes_down": record.bytes_down,
-            "aggregate_s": record.aggregate_s,
-            "round_s": time.perf_counter() - record.started,
-            "clients_ok": record.clients_ok,
-            "clients_failed": record.clients_failed,
-            "clients_rejected": record.clients_rejected,
-            "projected": task.projection,
-            "rss_mb": _memory_mb(),
-            **record.extra,
-        }
-        history.append(row)
-        out.append("metrics.jsonl", [row])
-        out.append("clients.jsonl", [
-            {**line, "class_counts": histogram[line["partition"]]} if line["partition"] >= 0 else line
-            for line in record.clients
-        ])
-        # After the round's records: a kill before this line redoes the round on resume.
-        out.save_checkpoint({
-            "round": record.server_round, "full_finetune": full_finetune, "settings": _resumable(settings),
-            "arrays": {k: v.numpy() for k, v in arrays.items()}, "history": history, "rng": _rng_state(),
-        })
-        progress.round_done(row)
-        return metrics
-
-    phases = [(settings.rounds, False)] + ([(settings.full_finetune_rounds, True)] if settings.full_finetune_rounds else [])
-    done, strategy = 0, None
-    resume_round = checkpoint["round"] if checkpoint else 0
-    for num_rounds, full_finetune in phases:
-        if full_finetune:
-            model = models.fold(model)
-            task = settings.train_task(full_finetune=True)
-        if resume_round >= done + num_rounds:  # the whole phase finished before the kill
-            done += num_rounds
-            if resume_round == done:
-                models.load_exchanged_state(model, checkpoint["arrays"])
-            continue
-        if resume_round > done:  # resume inside this phase, from the checkpoint's model
+    strategy = None
+    for phase in plan_phases(settings.rounds, settings.full_finetune_rounds, checkpoint["round"] if checkpoint else 0):
+        if phase.full_finetune:
+            model, task = models.fold(model), settings.train_task(full_finetune=True)
+        if phase.restore:
             models.load_exchanged_state(model, checkpoint["arrays"])
+        if phase.first == phase.last:  # the whole phase finished before the kill
+            continue
         strategy = strategies.build(
             settings.strategy, proximal_mu=settings.proximal_mu, template=model, proxy=proxy,
-            attribution=settings.attribution, seed=spec.seed, fusion_check=settings.fusion_check,
+            attribution=task.attribution, seed=spec.seed, fusion_check=settings.fusion_check,
             check_samples=settings.check_samples, fusion_rounds=settings.fusion_rounds,
-            num_classes=federation.num_classes if settings.share_class_counts else None,
+            num_classes=federation.num_classes if task.share_class_counts else None,
         )
-        first = max(done, resume_round)  # rounds of this phase already run
-        strategy.sampler, strategy.round_offset = sampler, first
+        strategy.sampler, strategy.round_offset = sampler, phase.first
+        recorder.model = model
         result = strategy.start(
-            grid=ProgressGrid(grid, progress),
-            initial_arrays=array_record(models.exchanged_state(model)),
-            num_rounds=done + num_rounds - first,
-            train_config=ConfigRecord(task.to_config()),
-            evaluate_fn=partial(central_evaluation, strategy, full_finetune),
+            grid=ProgressGrid(grid, progress), initial_arrays=array_record(models.exchanged_state(model)),
+            num_rounds=phase.last - phase.first, train_config=ConfigRecord(task.to_config()),
+            evaluate_fn=partial(recorder.evaluate, strategy, phase.full_finetune),
         )
         models.load_exchanged_state(model, {k: v.numpy() for k, v in result.arrays.items()})
-        done += num_rounds
-    ensemble = _ensemble_accuracy(model, strategy.last_updates if strategy else [], test_loader)
 
-    rounds = [r for r in history if r["round"] > 0]
-    client_lines = read_jsonl(out.path / "clients.jsonl") if (out.path / "clients.jsonl").exists() else []
-    attribution_seconds = [c["attribution_s"] for c in client_lines if "attribution_s" in c]
-    fused_rounds = [r for r in rounds if "fit_loss_after" in r]
-    summary = {
-        "strategy": settings.strategy,
-        "dataset": spec.dataset,
-        "partition": spec.partition,
-        "alpha": spec.alpha,
-        "classes_per_client": spec.classes_per_client,
-        "clients": spec.clients,
-        "model": settings.model,
-        "projection": settings.projection,
-        "pointwise": settings.pointwise if settings.projection else "",
-        "full_finetune_rounds": settings.full_finetune_rounds,
-        "seed": spec.seed,
-        "rounds": len(rounds),
-        "initial_accuracy": history[0]["accuracy"],
-        "final_accuracy": rounds[-1]["accuracy"] if rounds else history[0]["accuracy"],
-        "best_accuracy": max(r["accuracy"] for r in history),
-        "accuracy_curve": [r["accuracy"] for r in history],
-        "bytes_up": sum(r["bytes_up"] for r in rounds),
-        "bytes_down": sum(r["bytes_down"] for r in rounds),
-        "mean_round_s": float(np.mean([r["round_s"] for r in rounds])) if rounds else 0.0,
-        "mean_aggregate_s": float(np.mean([r["aggregate_s"] for r in rounds])) if rounds else 0.0,
-        "mean_fusion_s": _mean([r["fusion_s"] for r in rounds if "fusion_s" in r]),
-        "mean_clients_used": _mean([r.get("clients_used", r["clients_ok"]) for r in rounds]),
-        "mean_attribution_s": _mean(attribution_seconds),
-        # Fusion's figures: per level, the mean over rounds of its fit loss before and after
-        # the fit; the share of channels the matching moved; rounds that sent the fused model.
-        "fit_loss_before_per_level": _per_level_mean([r["fit_loss_before"] for r in fused_rounds]),
-        "fit_loss_after_per_level": _per_level_mean([r["fit_loss_after"] for r in fused_rounds]),
-        "mean_assignment_moved": _mean([r["assignment_moved"] for r in fused_rounds
-                                        if not np.isnan(r["assignment_moved"])]),
-        "rounds_fusion_selected": sum(r.get("selected") == "fusion" for r in fused_rounds) if fused_rounds else None,
-        "label_skew": label_skew(histogram),
-        "ensemble_accuracy": ensemble,
-        "wall_s": time.perf_counter() - started,
-    }
+    summary = summarise(
+        settings, settings.strategy, recorder.history, read_clients(out.path),
+        label_skew=label_skew(recorder.histogram),
+        ensemble_accuracy=_ensemble_accuracy(model, strategy.last_updates if strategy else [], test_loader),
+        wall_s=time.perf_counter() - started,
+    )
     # The saved model is plain (folded): it loads into models.create(name, classes).
     out.finish(summary, {
-        "model": settings.model, "num_classes": federation.num_classes,
+        "model": task.model, "num_classes": federation.num_classes,
         "state_dict": models.fold(model).state_dict(), "settings": settings.to_dict(),
     })
     return summary

@@ -1,161 +1,129 @@
-"""Run settings: one dataclass for `fedfuse run`, `flwr run .` and the bench, checked
-in full before Ray starts."""
+"""Run settings: the server's own settings beside the clients' task (which holds the
+data spec), each declared once as a field (`data.settings.setting`). The `fedfuse run`
+flags, a grid file's keys, `flwr run .`'s config and the clients' message all derive
+from these fields, and `validate` checks a run in full before Ray starts."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+import argparse
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import data
 import models
 import strategies
-from clients.faults import POISON_KINDS
-from clients.task import TrainTask
-from data import FederationSpec
-from data.federation import fields_from_mapping
-from strategies.fusion.attribution import METHODS as ATTRIBUTION_METHODS
+from clients.task import FUSION, TrainTask
+from data.settings import (
+    Check,
+    SettingsError,
+    check_values,
+    declared,
+    flag,
+    from_flat,
+    nested,
+    number,
+    setting,
+    to_flat,
+    whole,
+)
 from strategies.neuron_fusion import CHECKS as FUSION_CHECKS
 
 MIN_FUSION_PROXY = 32
-
-
-class SettingsError(ValueError):
-    """A setting that cannot work; the message names the flag and the fix."""
+# Settings a resumed run may change: where and how it runs, not what it computes.
+RESUMABLE_CHANGES = ("out", "resume", "ray_address", "ray_num_cpus", "ray_num_gpus", "client_cpus", "client_gpus")
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    federation: FederationSpec = field(default_factory=FederationSpec)
-    strategy: str = "fedavg"
-    model: str = "simple-cnn"
-    pretrained: bool = True
-    weights: str = ""
-    projection: bool = False
-    pointwise: str = "freeze"
-    resolution: int = 0
-    full_finetune_rounds: int = 0
-    full_finetune_lr: float = 0.0  # 0: same as lr
-    rounds: int = 10
-    fraction: float = 1.0
-    min_clients: int = 1
-    local_epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    proximal_mu: float = 0.01
-    attribution: str = "gradxact"  # fusion's neuron scores: uniform, gradxact, conductance
-    attribution_samples: int = 256
-    share_class_counts: bool = True  # fusion: clients send their class histogram (head targets)
-    fusion_check: str = "clients"  # fused vs averaged model: clients' accuracy, proxy agreement, or off
-    check_samples: int = 500  # fusion check "clients": examples per client
-    fusion_rounds: int = 0  # fusion: fuse in the first N rounds only, then average (FedAvg); 0: every round
-    client_cpus: float = 1.0
-    client_gpus: float = 0.0
-    ray_address: str = ""
-    ray_num_cpus: int = 0  # 0: let Ray count this machine's CPUs
-    ray_num_gpus: float = -1.0  # -1: let Ray detect GPUs; >= 0 declares logical GPUs
-    out: str = "runs/latest"
-    resume: bool = False  # continue the run in `out` from its last complete round
-    client_failure_rate: float = 0.0  # fault injection: each sampled client fails with this probability
-    poison_clients: int = 0  # fault injection: this many clients send broken updates...
-    poison: str = "nan"  # ... of this kind: nan, inf, scale, shape
+    """Everything one run needs: the clients' task (with the data spec) and the server's
+    strategy, rounds, placement and run directory."""
 
-    def to_dict(self) -> dict:
-        values = asdict(self)
-        values["federation"] = self.federation.to_dict()
-        return values
+    task: TrainTask = nested(TrainTask)
+    strategy: str = setting("fedavg", "aggregation: fedavg, fedprox or fusion (neuron-centric fusion)",
+                            choices=lambda: strategies.names())
+    rounds: int = setting(10, "federated rounds", check=whole(1))
+    fraction: float = setting(1.0, "share of clients sampled per round", check=number(0, 1, low_open=True))
+    min_clients: int = setting(1, "sample at least this many clients per round", check=whole(1))
+    proximal_mu: float = setting(0.01, "FedProx's mu", check=number(0, phrase="must be >= 0"), strategies=("fedprox",))
+    fusion_check: str = setting("clients", "which model goes out, fused or averaged: the more accurate on the clients' "
+                                           "data (clients), the one agreeing better with their ensemble on held-out "
+                                           "proxy samples (proxy), or always the fused one (off)",
+                                choices=FUSION_CHECKS, strategies=FUSION)
+    check_samples: int = setting(500, "fusion check: examples per client", check=whole(1), strategies=FUSION)
+    fusion_rounds: int = setting(0, "fuse in the first N rounds only, then average as FedAvg does (0: every round)",
+                                 check=whole(0, "must be a whole number >= 0 (0: fuse every round)"),
+                                 strategies=FUSION)
+    full_finetune_rounds: int = setting(0, "after the projected rounds, fold the model and fine-tune every weight "
+                                           "for K more rounds", check=whole(0))
+    full_finetune_lr: float = setting(0.0, "learning rate after folding (0: --lr)",
+                                      check=number(0, phrase="must be >= 0"))
+    client_gpus: float = setting(0.0, "GPU share per client: 0.5 puts two clients on a GPU",
+                                 check=Check(lambda v: 0 <= v <= 1 or (v > 0 and float(v).is_integer()),
+                                             "must be a fraction of one GPU or a whole number"), flwr=False)
+    ray_address: str = setting("", "join a running Ray cluster ('auto' or HOST:PORT)", flwr=False)
+    ray_num_cpus: int = setting(0, "CPUs of the local Ray instance (0: all)", check=whole(0), flwr=False)
+    ray_num_gpus: float = setting(-1.0, "GPUs Ray declares locally (-1: detect; >= 0 declares logical GPUs)",
+                                  flwr=False)
+    out: str = setting("runs/latest", "run directory")
+    resume: bool = setting(False, "continue the run in --out from its last complete round")
 
-    @classmethod
-    def from_mapping(cls, values) -> "RunSettings":
-        """From a flat mapping such as Flower's run config (kebab-case keys). Without a
-        `projection` key, projection is on for pretrained backbones."""
-        kwargs = {"federation": FederationSpec.from_mapping(values),
-                  **fields_from_mapping(cls, values, skip=("federation",))}
-        if "projection" not in values:
-            kwargs["projection"] = default_projection(kwargs.get("model", cls.model), kwargs.get("pretrained", True))
-        return cls(**kwargs)
+    @property
+    def federation(self) -> data.FederationSpec:
+        return self.task.federation
 
-    def train_task(self, full_finetune: bool = False) -> TrainTask:
-        """The clients' task; `full_finetune` is the phase after folding, where every
-        weight trains."""
-        return TrainTask(
-            federation=self.federation, model=self.model, pretrained=self.pretrained, weights=self.weights,
-            projection=self.projection and not full_finetune, pointwise=self.pointwise,
-            resolution=self.resolution, local_epochs=self.local_epochs, batch_size=self.batch_size,
-            lr=(self.full_finetune_lr or self.lr) if full_finetune else self.lr, momentum=self.momentum,
-            weight_decay=self.weight_decay, client_cpus=self.client_cpus,
-            attribution=self.attribution if self.strategy == "fusion" else "",
-            attribution_samples=self.attribution_samples,
-            share_class_counts=self.share_class_counts and self.strategy == "fusion",
-            client_failure_rate=self.client_failure_rate, poison_clients=self.poison_clients, poison=self.poison,
-        )
+    @property
+    def model(self) -> str:
+        return self.task.model
 
     @property
     def total_rounds(self) -> int:
         return self.rounds + self.full_finetune_rounds
 
+    @classmethod
+    def from_mapping(cls, values, strict: bool = True) -> "RunSettings":
+        """From flat settings (kebab- or snake-case keys: CLI flags, a grid file, Flower's
+        run config). Without a `projection` key, projection is on for pretrained backbones."""
+        settings = from_flat(cls, values, strict)
+        names = {key.replace("-", "_") for key in values}
+        if "projection" not in names:
+            settings = replace(settings, task=replace(settings.task, projection=default_projection(
+                settings.task.model, settings.task.pretrained)))
+        return settings
+
+    def to_dict(self) -> dict:
+        """Flat: the same names as the flags, the grid keys and the run config."""
+        return to_flat(self)
+
+    def train_task(self, full_finetune: bool = False) -> TrainTask:
+        """The clients' task: fusion's inputs only for fusion; `full_finetune` is the phase
+        after folding, where every weight trains."""
+        task, fusion = self.task, self.strategy == "fusion"
+        return replace(
+            task, attribution=task.attribution if fusion else "", share_class_counts=task.share_class_counts and fusion,
+            projection=task.projection and not full_finetune,
+            lr=(self.full_finetune_lr or task.lr) if full_finetune else task.lr,
+        )
+
     def validate(self) -> "data.ImageDataset":
         """Raise SettingsError (or DatasetError/ModelError/PartitionError, all
         ValueErrors) naming the problem; return the loaded dataset when all is well."""
-        if self.strategy not in strategies.names():
-            raise SettingsError(f"unknown --strategy '{self.strategy}': choose one of {', '.join(strategies.names())}")
-        models.info(self.model)
-        if self.pointwise not in models.POINTWISE_POLICIES:
-            raise SettingsError(f"--pointwise must be one of {', '.join(models.POINTWISE_POLICIES)}, got '{self.pointwise}'")
-        if self.full_finetune_rounds < 0 or int(self.full_finetune_rounds) != self.full_finetune_rounds:
-            raise SettingsError(f"--full-finetune-rounds must be a whole number >= 0, got {self.full_finetune_rounds}")
-        if self.full_finetune_rounds and not self.projection:
+        check_values(self)  # each setting's own rule
+        task, spec = self.task, self.federation
+        models.info(task.model)
+        if self.full_finetune_rounds and not task.projection:
             raise SettingsError("--full-finetune-rounds continues a projected run: add --projection")
-        if self.resolution and not (8 <= self.resolution <= 1024):
-            raise SettingsError(f"--resolution must be between 8 and 1024 pixels, got {self.resolution}")
-        if self.model == "simple-cnn" and self.resolution not in (0, 28):
+        if task.model == "simple-cnn" and task.resolution not in (0, 28):
             raise SettingsError("simple-cnn takes 28x28 input: drop --resolution")
-        if self.weights and not Path(self.weights).is_file():
-            raise SettingsError(f"--weights {self.weights} does not exist: give the path of a checkpoint file")
-        if self.model.startswith("timm:") and self.pretrained and not self.weights:
-            _check_timm_weights_reachable(self.model)
-        _positive_int("--rounds", self.rounds)
-        _positive_int("--local-epochs", self.local_epochs)
-        _positive_int("--batch-size", self.batch_size)
-        _positive_int("--min-clients", self.min_clients)
-        if not (0.0 < self.fraction <= 1.0):
-            raise SettingsError(f"--fraction must be in (0, 1], got {self.fraction}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise SettingsError(f"--lr must be a positive number, got {self.lr}")
-        if not (math.isfinite(self.full_finetune_lr) and self.full_finetune_lr >= 0):
-            raise SettingsError(f"--full-finetune-lr must be >= 0, got {self.full_finetune_lr}")
-        if not (0.0 <= self.momentum < 1.0):
-            raise SettingsError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
-            raise SettingsError(f"--proximal-mu must be >= 0, got {self.proximal_mu}")
-        if self.attribution not in ATTRIBUTION_METHODS:
-            raise SettingsError(f"--attribution must be one of {', '.join(ATTRIBUTION_METHODS)}, got '{self.attribution}'")
-        _positive_int("--attribution-samples", self.attribution_samples)
-        if self.fusion_check not in FUSION_CHECKS:
-            raise SettingsError(f"--fusion-check must be one of {', '.join(FUSION_CHECKS)}, got '{self.fusion_check}'")
-        _positive_int("--check-samples", self.check_samples)
-        if not (0 <= self.fusion_rounds) or int(self.fusion_rounds) != self.fusion_rounds:
-            raise SettingsError(f"--fusion-rounds must be a whole number >= 0 (0: fuse every round), "
-                                f"got {self.fusion_rounds}")
-        if not (math.isfinite(self.client_failure_rate) and 0.0 <= self.client_failure_rate < 1.0):
-            raise SettingsError(f"--client-failure-rate must be in [0, 1), got {self.client_failure_rate}")
-        if not (0 <= self.poison_clients <= self.federation.clients) or int(self.poison_clients) != self.poison_clients:
+        if task.weights and not Path(task.weights).is_file():
+            raise SettingsError(f"--weights {task.weights} does not exist: give the path of a checkpoint file")
+        if task.model.startswith("timm:") and task.pretrained and not task.weights:
+            _check_timm_weights_reachable(task.model)
+        if task.poison_clients > spec.clients:
             raise SettingsError(f"--poison-clients must be a whole number from 0 to --clients "
-                                f"({self.federation.clients}), got {self.poison_clients}")
-        if self.poison not in POISON_KINDS:
-            raise SettingsError(f"--poison must be one of {', '.join(POISON_KINDS)}, got '{self.poison}'")
-        if not (self.client_cpus > 0):
-            raise SettingsError(f"--client-cpus must be positive, got {self.client_cpus}")
-        if not (0.0 <= self.client_gpus <= 1.0 or float(self.client_gpus).is_integer()):
-            raise SettingsError(f"--client-gpus must be a fraction of one GPU or a whole number, got {self.client_gpus}")
+                                f"({spec.clients}), got {task.poison_clients}")
         if self.client_gpus > 0 and self.ray_num_gpus == 0:
             raise SettingsError("--client-gpus > 0 but --ray-num-gpus 0 declares no GPU: raise one or the other")
-        spec = self.federation
-        if spec.seed < 0:
-            raise SettingsError(f"--seed must be >= 0, got {spec.seed}")
-        if spec.partition == "dirichlet" and not (math.isfinite(spec.alpha) and spec.alpha > 0):
+        if spec.partition == "dirichlet" and not (spec.alpha > 0 and spec.alpha < float("inf")):
             raise SettingsError(f"--alpha must be > 0 (smaller is more skewed), got {spec.alpha}")
         dataset = data.load(spec.dataset, spec.data_root or None, spec.download)
         data.hold_out(dataset.train_labels, spec.proxy_size, spec.seed)  # checks the size only
@@ -170,8 +138,31 @@ class RunSettings:
             try:
                 models.levels(self.train_task().build_model(dataset.num_classes))
             except ValueError as err:
-                raise SettingsError(f"--strategy fusion cannot cut --model {self.model} into levels: {err}") from None
+                raise SettingsError(f"--strategy fusion cannot cut --model {task.model} into levels: {err}") from None
         return dataset
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, grouped by who uses it. Defaults are not set on the parser:
+    only the flags given reach `RunSettings.from_mapping`, which fills in the rest."""
+    titles = {data.FederationSpec: "data and partition", TrainTask: "clients: model and local training",
+              RunSettings: "server: strategy, rounds, Ray, run directory"}
+    groups = {owner: parser.add_argument_group(title) for owner, title in titles.items()}
+    for name, f, owner in declared(RunSettings):
+        kind = type(f.default)
+        used_by = f.metadata["strategies"]
+        shown = f"{f.default!r}" if kind is str else f"{f.default}"
+        text = (f"[{', '.join(used_by)}] " if used_by else "") + f"{f.metadata['help']} (default: {shown})"
+        kwargs = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind, "metavar": name.upper()}
+        groups[owner].add_argument(flag(name), dest=name, default=argparse.SUPPRESS, help=text.replace("%", "%%"),
+                                   **kwargs)
+
+
+def flwr_run_config() -> dict:
+    """The settings `flwr run .` takes in [tool.flwr.app.config], at their defaults
+    (projection is left out: without it, it follows the model)."""
+    return {name.replace("_", "-"): f.default for name, f, _ in declared(RunSettings)
+            if f.metadata["flwr"] and name != "projection"}
 
 
 def default_projection(model: str, pretrained: bool) -> bool:
@@ -201,6 +192,9 @@ def _check_timm_weights_reachable(model: str) -> None:
         ) from None
 
 
-def _positive_int(flag: str, value: int) -> None:
-    if int(value) != value or value < 1:
-        raise SettingsError(f"{flag} must be a positive whole number, got {value}")
+if __name__ == "__main__":  # print pyproject's [tool.flwr.app.config] block from the declaration
+    import json
+
+    print("[tool.flwr.app.config]")
+    for key, value in flwr_run_config().items():
+        print(f"{key} = {json.dumps(value)}")

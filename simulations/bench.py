@@ -16,13 +16,10 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from server.results import is_finished, read_summary
 from simulations.grid import CENTRALISED, Grid, GridRun, load_grid
 from simulations.report import write_outputs
 from simulations.tables import make_console, optional, print_tables
-
-
-def _finished(run: GridRun) -> bool:
-    return (Path(run.settings.out) / "summary.json").exists()
 
 
 def _run_one(run: GridRun) -> None:
@@ -62,10 +59,10 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
         group = groups.setdefault(key, {"walls": [], "finished": 0, "pending": 0, "selected": False})
         in_slice = run.run_id in selected
         group["selected"] |= in_slice
-        summary = Path(run.settings.out) / "summary.json"
-        if summary.exists():
-            group["walls"].append(json.loads(summary.read_text())["wall_s"])
-        group["finished" if summary.exists() else "pending"] += in_slice
+        finished = is_finished(run.settings.out)
+        if finished:
+            group["walls"].append(read_summary(run.settings.out)["wall_s"])
+        group["finished" if finished else "pending"] += in_slice
     lines = []
     for (model, epochs, strategy), group in groups.items():
         if not group["selected"]:
@@ -116,7 +113,7 @@ def run_grid(config: str, out: str, limit: int | None = None, quiet: bool = Fals
                                                     "target_accuracy": grid.target_accuracy}, indent=2))
     console = make_console()
     counts = {"done": 0, "kept": 0, "failed": 0}
-    pending = [r for r in selected if not _finished(r)]
+    pending = [r for r in selected if not is_finished(r.settings.out)]
     counts["kept"] = len(selected) - len(pending)
     if limit is not None:
         pending = pending[:limit]

@@ -22,6 +22,26 @@ from clients.task import TrainTask
 from simulations.tables import make_console
 from strategies.fusion import average_models, fuse, neuron_attributions
 
+HELP = "zero-shot fusion vs averaging vs ensemble"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="simple-cnn")
+    parser.add_argument("--projection", action="store_true")
+    parser.add_argument("--resolution", type=int, default=0)
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--models", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--splits", default="classes,dirichlet",
+                        help="classes (disjoint class sets), dirichlet (alpha 0.1)")
+    parser.add_argument("--inits", default="independent,shared",
+                        help="independent (each model its own random init) and/or shared (one init, the federated case)")
+    parser.add_argument("--proxy-size", type=int, default=512)
+    parser.add_argument("--test-size", type=int, default=10000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+
 
 def class_split_shards(labels: np.ndarray, num_models: int, num_classes: int) -> list[np.ndarray]:
     groups = np.array_split(np.arange(num_classes), num_models)

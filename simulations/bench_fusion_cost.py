@@ -18,6 +18,17 @@ from clients.task import TrainTask
 from simulations.tables import make_console
 from strategies.fusion import fuse
 
+HELP = "fusion seconds for 2..16 models; closed-form vs gradient fits"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="simple-cnn")
+    parser.add_argument("--projection", action="store_true")
+    parser.add_argument("--resolution", type=int, default=0)
+    parser.add_argument("--counts", default="2,4,8,16")
+    parser.add_argument("--proxy-size", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1)
+
 
 def perturbed_copies(model: torch.nn.Module, count: int, scale: float = 0.05) -> list[torch.nn.Module]:
     copies = []

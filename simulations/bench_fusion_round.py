@@ -7,34 +7,50 @@ aggregation seconds beside it, and which model the fusion round sent out."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from rich.table import Table
 
-from data import FederationSpec
-from server.results import read_jsonl
-from server.settings import RunSettings, default_projection
+from server.results import read_metrics
+from server.settings import RunSettings
 from simulations.tables import curve_table, make_console, print_tables, summary_table
+
+HELP = "fusion vs FedAvg in a federation: accuracy and fusion time per round"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="simple-cnn")
+    parser.add_argument("--resolution", type=int, default=0)
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--attribution", default="gradxact")
+    parser.add_argument("--proxy-size", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench-fusion-round")
+    parser.add_argument("--force", action="store_true", help="rerun federations that finished earlier")
 
 
 def main(args) -> int:
     from simulations.simulate import run_unless_finished
 
-    base = RunSettings(
-        federation=FederationSpec(dataset=args.dataset, partition="dirichlet", alpha=args.alpha,
-                                  clients=args.clients, proxy_size=args.proxy_size, seed=args.seed),
-        model=args.model, projection=default_projection(args.model, True), resolution=args.resolution,
-        rounds=args.rounds, local_epochs=args.local_epochs, lr=args.lr, attribution=args.attribution,
-    )
-    runs = {name: replace(base, strategy=name, out=str(Path(args.out) / name)) for name in ("fedavg", "fusion")}
+    base = {  # projection follows the model, as in `fedfuse run`
+        "dataset": args.dataset, "partition": "dirichlet", "alpha": args.alpha, "clients": args.clients,
+        "proxy_size": args.proxy_size, "seed": args.seed, "model": args.model, "resolution": args.resolution,
+        "rounds": args.rounds, "local_epochs": args.local_epochs, "lr": args.lr, "attribution": args.attribution,
+    }
+    runs = {name: RunSettings.from_mapping({**base, "strategy": name, "out": str(Path(args.out) / name)})
+            for name in ("fedavg", "fusion")}
     for settings in runs.values():
         settings.validate()
     console = make_console()
     run_unless_finished(runs, args.force, console)
 
-    fedavg = {m["round"]: m for m in read_jsonl(Path(runs["fedavg"].out) / "metrics.jsonl")}
-    fusion = read_jsonl(Path(runs["fusion"].out) / "metrics.jsonl")
+    fedavg = {m["round"]: m for m in read_metrics(runs["fedavg"].out)}
+    fusion = read_metrics(runs["fusion"].out)
     table = Table(title=f"fusion vs FedAvg per round: {args.model}, Dirichlet {args.alpha}, {args.clients} clients")
     for col in ("round", "FedAvg acc", "fusion acc", "client training s", "fusion s", "fusion / training",
                 "FedAvg aggregate s", "sent"):

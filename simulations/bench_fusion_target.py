@@ -12,7 +12,6 @@ average."""
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -22,31 +21,49 @@ from rich.table import Table
 
 import data
 import models
-from clients.local_update import local_update
 from clients.task import TrainTask
-from server.settings import RunSettings, default_projection
+from server.settings import RunSettings
+from simulations.inprocess import fedavg_rounds
 from simulations.tables import make_console, print_tables
-from strategies.fusion import average_models, fuse, head_targets
+from strategies.fusion import fuse, head_targets
+
+HELP = "per FedAvg round: the average against the class-weighted ensemble fusion fits"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="simple-cnn")
+    parser.add_argument("--resolution", type=int, default=0)
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--partition", default="dirichlet")
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--classes-per-client", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--test-size", type=int, default=10000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench-fusion-target")
 
 
 @torch.no_grad()
-def round_figures(client_models: list, sizes: list[int], counts: torch.Tensor, fused, test) -> tuple[dict, object]:
-    """Test accuracy of the average, the output ensemble, fusion's head target (class
-    `counts`: models x classes) and the fused model, and how often the fused model
-    predicts what the target does; and the average itself."""
-    average = average_models(client_models, sizes).eval()
+def round_figures(client_models: list, average, counts: torch.Tensor, fused, test) -> dict:
+    """Test accuracy of the clients' `average`, their output ensemble, fusion's head
+    target (class `counts`: models x classes) and the fused model, and how often the
+    fused model predicts what the target does."""
     hits = {"average": 0, "ensemble": 0, "fusion_target": 0, "fused": 0, "fused_agrees": 0}
     seen = 0
     for inputs, labels in test:
         logits = [m.eval()(inputs) for m in client_models]
-        predicted = {"average": average(inputs), "ensemble": sum(x.softmax(1) for x in logits),
+        predicted = {"average": average.eval()(inputs), "ensemble": sum(x.softmax(1) for x in logits),
                      "fusion_target": head_targets(logits, counts), "fused": fused.eval()(inputs)}
         predicted = {name: out.argmax(1) for name, out in predicted.items()}
         for name, classes in predicted.items():
             hits[name] += (classes == labels).sum().item()
         hits["fused_agrees"] += (predicted["fused"] == predicted["fusion_target"]).sum().item()
         seen += len(labels)
-    return {name: count / seen for name, count in hits.items()}, average
+    return {name: count / seen for name, count in hits.items()}
 
 
 def run(task: TrainTask, rounds: int, test_size: int) -> list[dict]:
@@ -55,35 +72,26 @@ def run(task: TrainTask, rounds: int, test_size: int) -> list[dict]:
     spec = task.input_spec(federation.data)
     test = data.BatchLoader(federation.data.test_images[:test_size], federation.data.test_labels[:test_size], spec, 500)
     proxy = data.BatchLoader(federation.proxy_images(), None, spec, 256)
-    state = models.exchanged_state(template)
     rows = []
-    for server_round in range(1, rounds + 1):
-        round_task = replace(task, server_round=server_round)
-        updates = [local_update(round_task, p, state) for p in range(task.federation.clients)]
-        client_models = []
-        for update in updates:
-            model = copy.deepcopy(template)
-            models.load_exchanged_state(model, update.state)
-            client_models.append(model)
+    for fedavg_round in fedavg_rounds(task, models.exchanged_state(template), rounds):
+        updates = fedavg_round.updates
+        client_models = [models.with_state(template, u.state) for u in updates]
         counts = torch.tensor([u.class_counts for u in updates], dtype=torch.float64)
         # As the server's fusion round does: every client started from one model, no restarts.
         fused, _ = fuse(client_models, proxy, [[torch.from_numpy(u.attributions[level.name]) for level in
                                                  models.levels(template)] for u in updates],
-                        class_weights=counts, restarts=False, seed=task.federation.seed + server_round)
-        figures, average = round_figures(client_models, [u.metrics["num-examples"] for u in updates], counts,
-                                         fused, test)
-        rows.append({"round": server_round, **figures})
-        state = models.exchanged_state(average)
+                        class_weights=counts, restarts=False, seed=task.federation.seed + fedavg_round.number)
+        average = models.with_state(template, fedavg_round.state)
+        rows.append({"round": fedavg_round.number, **round_figures(client_models, average, counts, fused, test)})
     return rows
 
 
 def main(args) -> int:
-    settings = RunSettings(
-        strategy="fedavg", model=args.model, projection=default_projection(args.model, True),
-        resolution=args.resolution, rounds=args.rounds, local_epochs=args.local_epochs, lr=args.lr,
-        federation=data.FederationSpec(dataset=args.dataset, partition=args.partition, alpha=args.alpha,
-                                       classes_per_client=args.classes_per_client, clients=args.clients,
-                                       seed=args.seed))
+    settings = RunSettings.from_mapping({  # projection follows the model, as in `fedfuse run`
+        "strategy": "fedavg", "model": args.model, "resolution": args.resolution, "rounds": args.rounds,
+        "local_epochs": args.local_epochs, "lr": args.lr, "dataset": args.dataset, "partition": args.partition,
+        "alpha": args.alpha, "classes_per_client": args.classes_per_client, "clients": args.clients,
+        "seed": args.seed})
     settings.validate()  # bad input fails here, before any training
     torch.set_num_threads(max(1, args.threads))
     task = replace(settings.train_task(), attribution="gradxact", share_class_counts=True)  # fusion's inputs

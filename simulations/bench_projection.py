@@ -15,10 +15,19 @@ from rich.table import Table
 import models
 from simulations.tables import make_console
 
+HELP = "projection's sizes and step time against plain fine-tuning"
+
 BENCH_MODELS = {
     "efficientnet-lite0": dict(pretrained=True),
     "timm:resnet18": dict(pretrained=False),  # random init: only timing and sizes matter here
 }
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
 
 
 def _step_fn(model: torch.nn.Module, batch_size: int, resolution: int):

@@ -5,24 +5,32 @@ seconds per round."""
 
 from __future__ import annotations
 
-from data import FederationSpec
-from server.results import read_jsonl
+from server.results import read_metrics
 from server.settings import RunSettings
 from simulations.tables import make_console
 
+HELP = "a long federation: memory at rounds 5 and 30, seconds per round"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--strategy", default="fedavg")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench-soak")
+
 
 def main(args) -> int:
-    from pathlib import Path
-
     from simulations.simulate import simulate
 
-    settings = RunSettings(
-        federation=FederationSpec(dataset=args.dataset, clients=args.clients, seed=args.seed),
-        strategy=args.strategy, rounds=args.rounds, fraction=args.fraction, out=args.out,
-    )
+    settings = RunSettings.from_mapping({"dataset": args.dataset, "clients": args.clients, "seed": args.seed,
+                                         "strategy": args.strategy, "rounds": args.rounds,
+                                         "fraction": args.fraction, "out": args.out})
     settings.validate()
     simulate(settings, show_progress=False)
-    rows = read_jsonl(Path(args.out) / "metrics.jsonl")
+    rows = read_metrics(args.out)
     early = next(r for r in rows if r["round"] == min(5, len(rows)))
     late = rows[-1]
     growth = late["rss_mb"] / early["rss_mb"] - 1

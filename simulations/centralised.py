@@ -12,8 +12,10 @@ import torch
 
 from clients import runtime, training
 from data import BatchLoader, build_federation
-from server.results import RunDirectory
+from server.results import RunDirectory, summarise
 from server.settings import RunSettings
+
+CENTRALISED = "centralised"  # the strategy name its records carry
 
 
 def run_centralised(settings: RunSettings) -> dict:
@@ -30,27 +32,19 @@ def run_centralised(settings: RunSettings) -> dict:
                          task.batch_size, shuffle=True, seed=spec.seed)
     test = BatchLoader(federation.data.test_images, federation.data.test_labels, input_spec, batch_size=250)
     out = RunDirectory(settings.out)
-    out.start({**settings.to_dict(), "strategy": "centralised"}, {"proxy_size": len(federation.proxy_indices)})
-    history = [training.evaluate(model, test)["accuracy"]]
-    rows = []
+    out.start({**settings.to_dict(), "strategy": CENTRALISED}, {"proxy_size": len(federation.proxy_indices)})
+    result = training.evaluate(model, test)
+    history = [{"round": 0, "accuracy": result["accuracy"], "loss": result["loss"]}]
     for server_round in range(1, settings.rounds + 1):  # a "round" = local_epochs passes over the union
         round_started = time.perf_counter()
         training.train(model, loader, task.local_epochs, task.lr, task.momentum, task.weight_decay)
         result = training.evaluate(model, test)
-        history.append(result["accuracy"])
         row = {"round": server_round, "accuracy": result["accuracy"], "loss": result["loss"], "bytes_up": 0,
                "bytes_down": 0, "aggregate_s": 0.0, "round_s": time.perf_counter() - round_started}
-        rows.append(row)
-        out.append("metrics.jsonl", [row])
-    summary = {
-        "strategy": "centralised", "dataset": spec.dataset, "partition": spec.partition, "alpha": spec.alpha,
-        "classes_per_client": spec.classes_per_client, "clients": spec.clients, "model": settings.model,
-        "projection": settings.projection, "seed": spec.seed, "rounds": settings.rounds,
-        "initial_accuracy": history[0], "final_accuracy": history[-1], "best_accuracy": max(history),
-        "accuracy_curve": history, "bytes_up": 0, "bytes_down": 0,
-        "mean_round_s": float(np.mean([r["round_s"] for r in rows])), "mean_aggregate_s": 0.0,
-        "ensemble_accuracy": None, "wall_s": time.perf_counter() - started,
-    }
-    out.finish(summary, {"model": settings.model, "num_classes": federation.num_classes,
+        history.append(row)
+        out.append_round(row)
+    summary = summarise(settings, CENTRALISED, history, [], ensemble_accuracy=None,
+                        wall_s=time.perf_counter() - started)
+    out.finish(summary, {"model": task.model, "num_classes": federation.num_classes,
                          "state_dict": model.state_dict(), "settings": settings.to_dict()})
     return summary

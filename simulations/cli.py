@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
 DEFAULTS_NOTE = "defaults: Fashion-MNIST, Dirichlet alpha 0.5, 10 clients, simple-cnn"
 
@@ -127,42 +126,64 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from simulations.tables import curve_table, print_tables, summary_table
+    from server.results import SUMMARY, is_finished
+    from simulations.tables import curve_tables, print_tables, summary_table
 
-    missing = [d for d in args.runs if not (Path(d) / "summary.json").exists()]
+    missing = [d for d in args.runs if not is_finished(d)]
     if missing:
-        return _fail(f"no summary.json in {', '.join(missing)}: run `fedfuse run --out DIR` first")
-    print_tables(curve_table(args.runs), summary_table(args.runs, title="comparison"))
+        return _fail(f"no {SUMMARY} in {', '.join(missing)}: run `fedfuse run --out DIR` first")
+    print_tables(*curve_tables(args.runs), summary_table(args.runs, title="comparison"))
     return 0
+
+
+def _guarded(main, args: argparse.Namespace) -> int:
+    """A command's main(args): bad settings, found before any run starts, end in one line."""
+    try:
+        return main(args)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err))
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     from simulations.fuse_checkpoints import main as fuse_main
 
-    try:
-        return fuse_main(args)
-    except (ValueError, FileNotFoundError) as err:
-        return _fail(str(err))
+    return _guarded(fuse_main, args)
 
 
-# Benchmarks: each module's main(args), imported only when its command runs.
-BENCHMARKS = {
-    "bench": "simulations.bench",
-    "bench-overhead": "simulations.overhead",
-    "bench-projection": "simulations.bench_projection",
-    "bench-finetune": "simulations.bench_finetune",
-    "bench-fusion": "simulations.bench_fusion",
-    "bench-fusion-cost": "simulations.bench_fusion_cost",
-    "bench-fusion-round": "simulations.bench_fusion_round",
-    "bench-fusion-target": "simulations.bench_fusion_target",
-    "bench-soak": "simulations.bench_soak",
+def cmd_bench(args: argparse.Namespace) -> int:
+    from simulations.bench import main as bench_main
+
+    return _guarded(bench_main, args)
+
+
+# The lab benchmarks, `fedfuse lab NAME`: each module holds its HELP line, its flags
+# (add_arguments) and main(args). A module is imported only when its command runs or
+# `fedfuse lab --help` lists them, so `fedfuse run` never loads them.
+LAB = {
+    "overhead": "simulations.overhead",
+    "projection": "simulations.bench_projection",
+    "finetune": "simulations.bench_finetune",
+    "fusion": "simulations.bench_fusion",
+    "fusion-cost": "simulations.bench_fusion_cost",
+    "fusion-round": "simulations.bench_fusion_round",
+    "fusion-target": "simulations.bench_fusion_target",
+    "soak": "simulations.bench_soak",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedfuse", description="Federated simulations on Flower: fusion vs FedAvg.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _run_parser(sub)
+def cmd_lab(args: argparse.Namespace) -> int:
+    return _guarded(importlib.import_module(LAB[args.lab]).main, args)
+
+
+def _lab_names_needed(argv: list[str]) -> list[str]:
+    """The lab modules whose flags this command line needs: the one it names, or all of
+    them when it names none (`fedfuse lab --help` lists their help lines)."""
+    if argv[:1] != ["lab"]:
+        return []
+    return argv[1:2] if argv[1:2] and argv[1] in LAB else list(LAB)
+
+
+def _bench_parser(sub) -> None:
     grid = sub.add_parser("bench", help="a grid of runs from a TOML file: results.csv, report.md, plots")
     grid.add_argument("config", help="grid file, e.g. simulations/configs/smoke.toml")
     grid.add_argument("--out", default="runs/bench", help="grid directory; finished runs in it are kept")
@@ -172,92 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--quiet", action="store_true", help="no progress bar")
     grid.add_argument("--plan", action="store_true",
                       help="run nothing: list the pending runs and their time estimated from the finished ones")
+
+
+def _compare_parser(sub) -> None:
     compare = sub.add_parser("compare", help="tables of finished runs side by side")
     compare.add_argument("runs", nargs="+", help="run directories")
-    overhead = sub.add_parser("bench-overhead", help="Flower+Ray round time against a plain training loop")
-    overhead.add_argument("--clients", type=int, default=10)
-    overhead.add_argument("--rounds", type=int, default=3)
-    overhead.add_argument("--dataset", default="fashion-mnist")
-    overhead.add_argument("--out", default="runs/bench-overhead")
-    projection = sub.add_parser("bench-projection", help="projection's sizes and step time against plain fine-tuning")
-    projection.add_argument("--resolution", type=int, default=64)
-    projection.add_argument("--batch-size", type=int, default=32)
-    projection.add_argument("--repeats", type=int, default=15)
-    projection.add_argument("--threads", type=int, default=1)
-    finetune = sub.add_parser("bench-finetune", help="projected vs projected-then-full vs full fine-tuning")
-    finetune.add_argument("--model", default="efficientnet-lite0")
-    finetune.add_argument("--dataset", default="fashion-mnist")
-    finetune.add_argument("--alpha", type=float, default=0.5)
-    finetune.add_argument("--clients", type=int, default=10)
-    finetune.add_argument("--fraction", type=float, default=0.5)
-    finetune.add_argument("--rounds", type=int, default=3, help="rounds of every variant")
-    finetune.add_argument("--full-rounds", type=int, default=1, help="last rounds of full fine-tuning after projection")
-    finetune.add_argument("--resolution", type=int, default=64)
-    finetune.add_argument("--lr", type=float, default=0.01, help="learning rate of full fine-tuning")
-    finetune.add_argument("--projected-lr", type=float, default=0.05, help="learning rate of projected rounds")
-    finetune.add_argument("--seed", type=int, default=0)
-    finetune.add_argument("--out", default="runs/bench-finetune")
-    finetune.add_argument("--force", action="store_true", help="rerun variants that finished earlier")
-    fusion = sub.add_parser("bench-fusion", help="zero-shot fusion vs averaging vs ensemble")
-    fusion.add_argument("--model", default="simple-cnn")
-    fusion.add_argument("--projection", action="store_true")
-    fusion.add_argument("--resolution", type=int, default=0)
-    fusion.add_argument("--dataset", default="fashion-mnist")
-    fusion.add_argument("--models", type=int, default=2)
-    fusion.add_argument("--epochs", type=int, default=8)
-    fusion.add_argument("--lr", type=float, default=0.01)
-    fusion.add_argument("--splits", default="classes,dirichlet", help="classes (disjoint class sets), dirichlet (alpha 0.1)")
-    fusion.add_argument("--inits", default="independent,shared",
-                        help="independent (each model its own random init) and/or shared (one init, the federated case)")
-    fusion.add_argument("--proxy-size", type=int, default=512)
-    fusion.add_argument("--test-size", type=int, default=10000)
-    fusion.add_argument("--threads", type=int, default=1)
-    fusion.add_argument("--seed", type=int, default=0)
-    cost = sub.add_parser("bench-fusion-cost", help="fusion seconds for 2..16 models; closed-form vs gradient fits")
-    cost.add_argument("--model", default="simple-cnn")
-    cost.add_argument("--projection", action="store_true")
-    cost.add_argument("--resolution", type=int, default=0)
-    cost.add_argument("--counts", default="2,4,8,16")
-    cost.add_argument("--proxy-size", type=int, default=512)
-    cost.add_argument("--threads", type=int, default=1)
-    per_round = sub.add_parser("bench-fusion-round", help="fusion vs FedAvg in a federation: accuracy and fusion time per round")
-    per_round.add_argument("--model", default="simple-cnn")
-    per_round.add_argument("--resolution", type=int, default=0)
-    per_round.add_argument("--dataset", default="fashion-mnist")
-    per_round.add_argument("--alpha", type=float, default=0.1)
-    per_round.add_argument("--clients", type=int, default=10)
-    per_round.add_argument("--rounds", type=int, default=10)
-    per_round.add_argument("--local-epochs", type=int, default=1)
-    per_round.add_argument("--lr", type=float, default=0.01)
-    per_round.add_argument("--attribution", default="gradxact")
-    per_round.add_argument("--proxy-size", type=int, default=1000)
-    per_round.add_argument("--seed", type=int, default=0)
-    per_round.add_argument("--out", default="runs/bench-fusion-round")
-    per_round.add_argument("--force", action="store_true", help="rerun federations that finished earlier")
-    target = sub.add_parser("bench-fusion-target",
-                            help="per FedAvg round: the average against the class-weighted ensemble fusion fits")
-    target.add_argument("--model", default="simple-cnn")
-    target.add_argument("--resolution", type=int, default=0)
-    target.add_argument("--dataset", default="fashion-mnist")
-    target.add_argument("--partition", default="dirichlet")
-    target.add_argument("--alpha", type=float, default=0.1)
-    target.add_argument("--classes-per-client", type=int, default=2)
-    target.add_argument("--clients", type=int, default=10)
-    target.add_argument("--rounds", type=int, default=10)
-    target.add_argument("--local-epochs", type=int, default=1)
-    target.add_argument("--lr", type=float, default=0.01)
-    target.add_argument("--test-size", type=int, default=10000)
-    target.add_argument("--threads", type=int, default=1)
-    target.add_argument("--seed", type=int, default=0)
-    target.add_argument("--out", default="runs/bench-fusion-target")
-    soak = sub.add_parser("bench-soak", help="a long federation: memory at rounds 5 and 30, seconds per round")
-    soak.add_argument("--strategy", default="fedavg")
-    soak.add_argument("--dataset", default="fashion-mnist")
-    soak.add_argument("--clients", type=int, default=50)
-    soak.add_argument("--fraction", type=float, default=0.2)
-    soak.add_argument("--rounds", type=int, default=30)
-    soak.add_argument("--seed", type=int, default=0)
-    soak.add_argument("--out", default="runs/bench-soak")
+
+
+def _fuse_parser(sub) -> None:
     fuse = sub.add_parser("fuse", help="one-shot fusion of trained checkpoints (model.pt files)")
     fuse.add_argument("checkpoints", nargs="+", help="model.pt files of one architecture")
     fuse.add_argument("--out", required=True, help="where to write the fused model.pt")
@@ -265,19 +208,41 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--data-root", default="")
     fuse.add_argument("--proxy-size", type=int, default=512)
     fuse.add_argument("--seed", type=int, default=0)
+
+
+def _lab_parser(sub, load: list[str]) -> None:
+    lab = sub.add_parser("lab", help="lab benchmarks: speed, projection, fusion alone (fedfuse lab --help)",
+                         description="Lab benchmarks: figures of speed and of fusion alone, each with its own "
+                                     "flags (fedfuse lab NAME --help).")
+    names = lab.add_subparsers(dest="lab", metavar="NAME", required=True)
+    for name, module_name in LAB.items():
+        if name not in load:
+            names.add_parser(name)  # a valid choice; its flags are not needed by this command line
+            continue
+        module = importlib.import_module(module_name)
+        parser = names.add_parser(name, help=module.HELP, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(parser)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: only a `fedfuse lab` command line loads lab modules."""
+    parser = argparse.ArgumentParser(prog="fedfuse", description="Federated simulations on Flower: fusion vs FedAvg.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    _bench_parser(sub)
+    _compare_parser(sub)
+    _fuse_parser(sub)
+    _lab_parser(sub, _lab_names_needed(sys.argv[1:] if argv is None else argv))
     return parser
 
 
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "compare": cmd_compare, "fuse": cmd_fuse, "lab": cmd_lab}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command in BENCHMARKS:
-        module = importlib.import_module(BENCHMARKS[args.command])
-        try:
-            return module.main(args)
-        except (ValueError, FileNotFoundError) as err:  # bad settings, found before any run starts
-            return _fail(str(err))
-    handler = {"run": cmd_run, "compare": cmd_compare, "fuse": cmd_fuse}[args.command]
-    return handler(args)
+    args = build_parser(argv).parse_args(argv)
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import data
 import models
 from clients import training
 from clients.task import input_spec
+from server.results import MODEL
 from simulations.tables import make_console
 
 
@@ -31,7 +32,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict, torch.nn.Module]:
     except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many kinds
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}): replace it") from err
     if not isinstance(saved, dict) or not {"model", "num_classes", "state_dict"} <= set(saved):
-        raise CheckpointError(f"checkpoint {path} is not a fedfuse model.pt (needs model, num_classes, state_dict)")
+        raise CheckpointError(f"checkpoint {path} is not a fedfuse {MODEL} (needs model, num_classes, state_dict)")
     model = models.create(saved["model"], saved["num_classes"], pretrained=False)
     try:
         model.load_state_dict(saved["state_dict"])

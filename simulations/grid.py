@@ -21,11 +21,13 @@ Every field is checked, and every run's settings validated, before the first run
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from clients.task import TrainTask
 from data import FederationSpec
-from server.settings import RunSettings, SettingsError, default_projection
+from server.settings import RunSettings, SettingsError
+from simulations.centralised import CENTRALISED
 
 # Strategy labels of a grid: a Flower strategy plus the settings that make the variant.
 STRATEGY_VARIANTS = {
@@ -35,7 +37,6 @@ STRATEGY_VARIANTS = {
     "fusion-uniform": {"strategy": "fusion", "attribution": "uniform"},
     "fusion-then-fedavg": {"strategy": "fusion", "fusion_rounds": 1},  # fusion's head start, then FedAvg
 }
-CENTRALISED = "centralised"
 _GRID_KEYS = {"strategies", "seeds", "local_epochs", "target_accuracy", "base", "partitions", "models"}
 _PER_RUN_KEYS = {"strategy", "seed", "local_epochs", "out"}  # set by the grid itself
 
@@ -56,36 +57,18 @@ class Grid:
     source: str
 
 
-def _settings_fields() -> dict[str, type]:
-    names = {f.name: type(f.default) for f in fields(RunSettings) if f.name != "federation"}
-    names.update({f.name: type(f.default) for f in fields(FederationSpec)})
-    return names
-
-
 def _normalise(table: dict, where: str) -> dict:
-    """kebab- or snake-case keys of run settings -> snake-case, type-checked."""
-    known = _settings_fields()
-    values = {}
-    for key, value in table.items():
-        name = key.replace("-", "_")
-        if name not in known or name in _PER_RUN_KEYS:
-            hint = " (set by the grid: use the top-level lists)" if name in _PER_RUN_KEYS else ""
-            raise SettingsError(f"{where}: unknown setting '{key}'{hint}")
-        expected = known[name]
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise SettingsError(f"{where}: '{key}' must be {expected.__name__}, got {value!r}")
-        values[name] = value
+    """A table of run settings (kebab- or snake-case keys) -> snake-case keys, checked
+    against the declared settings (names and types) as every other door is."""
+    values = {key.replace("-", "_"): value for key, value in table.items()}
+    per_run = sorted(_PER_RUN_KEYS & set(values))
+    if per_run:
+        raise SettingsError(f"{where}: '{per_run[0]}' is set by the grid: use the top-level lists")
+    try:
+        RunSettings.from_mapping(values)
+    except SettingsError as err:
+        raise SettingsError(f"{where}: {err}") from None
     return values
-
-
-def _settings(values: dict) -> RunSettings:
-    federation = FederationSpec(**{k: v for k, v in values.items() if k in FederationSpec.__dataclass_fields__})
-    rest = {k: v for k, v in values.items() if k not in FederationSpec.__dataclass_fields__}
-    if "projection" not in rest:
-        rest["projection"] = default_projection(rest.get("model", RunSettings.model), rest.get("pretrained", True))
-    return RunSettings(federation=federation, **rest)
 
 
 def split_label(spec: FederationSpec) -> str:
@@ -140,9 +123,9 @@ def load_grid(path: str | Path, out_dir: str | Path) -> Grid:
         for e in epochs:
             for seed in seeds:
                 values = {**base, **model_values, "local_epochs": e, "seed": seed}
-                label = f"{values.get('model', RunSettings.model).replace(':', '_')}-e{e}"
+                label = f"{values.get('model', TrainTask.model).replace(':', '_')}-e{e}"
                 run_id = f"{label}-{CENTRALISED}-s{seed}"
-                settings = _settings({**values, "out": str(out_dir / run_id)})
+                settings = RunSettings.from_mapping({**values, "out": str(out_dir / run_id)})
                 runs.append(GridRun(run_id, f"{label}-union", CENTRALISED, seed, settings))
             for p, partition_table in enumerate(partitions):
                 part_values = _normalise(partition_table, f"{path} [[partitions]] #{p + 1}")
@@ -150,11 +133,11 @@ def load_grid(path: str | Path, out_dir: str | Path) -> Grid:
                     for seed in seeds:
                         values = {**base, **model_values, **part_values, **STRATEGY_VARIANTS[strategy],
                                   "local_epochs": e, "seed": seed}
-                        probe = _settings(values)
+                        probe = RunSettings.from_mapping(values)
                         setting = f"{label}-{split_label(probe.federation)}"
                         run_id = f"{setting}-{strategy}-s{seed}"
                         runs.append(GridRun(run_id, setting, strategy, seed,
-                                            _settings({**values, "out": str(out_dir / run_id)})))
+                                            RunSettings.from_mapping({**values, "out": str(out_dir / run_id)})))
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
         raise SettingsError(f"{path}: two grid entries give the same run (same model, split, epochs, strategy, seed)")

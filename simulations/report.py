@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import json
 import os
 import platform
 from collections import defaultdict
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.results import read_jsonl
+from server.results import is_finished, read_jsonl, read_metrics, read_summary
 from simulations.grid import CENTRALISED, Grid, split_label
 from simulations.tables import optional
 
@@ -27,16 +26,16 @@ def collect_rows(grid: Grid) -> list[dict]:
     rows = []
     for run in grid.runs:
         run_dir = Path(run.settings.out)
-        if not (run_dir / "summary.json").exists():
+        if not is_finished(run_dir):
             continue
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_summary(run_dir)
         common = {"run": run.run_id, "setting": run.setting, "strategy": run.strategy, "seed": run.seed,
                   "model": run.settings.model, "local_epochs": run.settings.local_epochs,
                   "split": "union" if run.strategy == CENTRALISED else split_label(run.settings.federation)}
         rows.append({**common, "round": 0, "accuracy": summary["initial_accuracy"], "loss": "", "bytes_up": 0,
                      "bytes_down": 0, "bytes_total": 0, "round_s": "", "aggregate_s": "", "selected": ""})
         total = 0
-        for m in read_jsonl(run_dir / "metrics.jsonl"):
+        for m in read_metrics(run_dir):
             total += m["bytes_up"] + m["bytes_down"]
             rows.append({**common, "round": m["round"], "accuracy": m["accuracy"], "loss": m["loss"],
                          "bytes_up": m["bytes_up"], "bytes_down": m["bytes_down"], "bytes_total": total,
@@ -223,9 +222,8 @@ def write_outputs(grid: Grid, out_dir: Path) -> list[dict]:
         writer.writerows(rows)
     ensembles = {}
     for run in grid.runs:
-        summary_path = Path(run.settings.out) / "summary.json"
-        if summary_path.exists():
-            ensembles[run.run_id] = json.loads(summary_path.read_text()).get("ensemble_accuracy")
+        if is_finished(run.settings.out):
+            ensembles[run.run_id] = read_summary(run.settings.out).get("ensemble_accuracy")
     failures = read_jsonl(out_dir / "failures.jsonl") if (out_dir / "failures.jsonl").exists() else []
     finished = {r["run"] for r in rows}
     failures = [f for f in failures if f["run"] not in finished]  # a later retry succeeded

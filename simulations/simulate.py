@@ -36,7 +36,7 @@ def backend_config(settings: RunSettings, verbose: bool = False) -> dict:
         if settings.ray_num_gpus >= 0:
             init_args["num_gpus"] = settings.ray_num_gpus
     return {
-        "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": settings.client_gpus},
+        "client_resources": {"num_cpus": settings.task.client_cpus, "num_gpus": settings.client_gpus},
         "init_args": init_args,
     }
 

@@ -118,11 +118,7 @@ class NeuronFusion(RecordedRounds, FedAvg):
             log(WARNING, "round %d: fusion needs two valid updates, got one: it becomes the global model", server_round)
             record.extra["fusion_s"] = 0.0
             return contents[0]["arrays"], metrics
-        client_models = []
-        for content in contents:
-            model = copy.deepcopy(self.template)
-            models.load_exchanged_state(model, {k: v.numpy() for k, v in content["arrays"].items()})
-            client_models.append(model)
+        client_models = [models.with_state(self.template, content["arrays"]) for content in contents]
         averaged = average_models(client_models, [c["metrics"]["num-examples"] for c in contents])
         if not self.fuses(server_round):
             # Past its fusion rounds the server is FedAvg.

@@ -170,7 +170,7 @@ def test_fusion_target_beats_the_average_after_a_skewed_round_and_bad_input_stop
     from simulations.cli import main
 
     out = tmp_path / "target"
-    args = ["bench-fusion-target", "--dataset", "mnist-5k", "--clients", "5", "--alpha", "0.1", "--rounds", "2",
+    args = ["lab", "fusion-target", "--dataset", "mnist-5k", "--clients", "5", "--alpha", "0.1", "--rounds", "2",
             "--local-epochs", "5", "--lr", "0.05", "--out", str(out)]
     assert main(args) == 0
     rows = json.loads((out / "fusion_target.json").read_text())["rounds"]

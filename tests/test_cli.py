@@ -1,12 +1,15 @@
 """Bad input fails fast, with one line naming the problem, before Ray starts and
 before anything is written to --out."""
 
+import importlib
+import json
 import subprocess
 import sys
 import time
 
 import pytest
 
+from server.results import SUMMARY
 from simulations.cli import main
 
 BAD_INPUTS = [
@@ -83,3 +86,78 @@ def test_resume_refuses_a_run_directory_of_other_settings_or_a_broken_checkpoint
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match="not a readable fedfuse checkpoint"):
         _resume_point(out, settings)
+
+
+def _help(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_the_cli_has_five_user_commands_and_the_lab_lists_its_benchmarks(capsys):
+    from simulations.cli import LAB
+
+    usage = _help(capsys, ["--help"]).splitlines()[0]
+    assert usage.endswith("{run,bench,compare,fuse,lab} ...")
+    listing = _help(capsys, ["lab", "--help"])
+    for name, module_name in LAB.items():
+        module = importlib.import_module(module_name)
+        assert callable(module.add_arguments) and callable(module.main)
+        assert "\n" not in module.HELP and name in listing
+        assert " ".join(module.HELP.split()[:4]) in " ".join(listing.split())  # the help line, however wrapped
+    assert "--rounds" in _help(capsys, ["lab", "soak", "--help"])
+
+
+def test_fedfuse_run_imports_no_lab_module():
+    code = ("import sys; from simulations.cli import LAB, build_parser; build_parser(['run']).parse_args(['run']); "
+            "print(sorted(set(LAB.values()) & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_bad_lab_and_bench_input_exits_with_one_line(tmp_path, capsys):
+    out = tmp_path / "soak"
+    assert main(["lab", "soak", "--dataset", "digits", "--rounds", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fedfuse: error: --rounds must be a positive whole number, got 0" and not out.exists()
+    assert main(["bench", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "grid")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fedfuse: error: no grid file")
+
+
+def _finished_run(run_dir, strategy: str, model: str, accuracies: list[float], fused: int | None = None):
+    """The summary.json of a tiny finished run, with the fields the final tables read."""
+    run_dir.mkdir(parents=True)
+    summary = {"strategy": strategy, "dataset": "fashion-mnist", "partition": "dirichlet", "alpha": 0.1,
+               "classes_per_client": 2, "clients": 10, "model": model, "projection": model != "simple-cnn",
+               "rounds": len(accuracies) - 1, "initial_accuracy": accuracies[0], "final_accuracy": accuracies[-1],
+               "best_accuracy": max(accuracies[1:]), "accuracy_curve": accuracies, "bytes_up": 1_790_560_000,
+               "bytes_down": 5_371_680_000, "mean_round_s": 1093.891, "mean_aggregate_s": 2.7,
+               "mean_fusion_s": 2.2 if fused is not None else None, "mean_clients_used": 10.0,
+               "rounds_fusion_selected": fused, "wall_s": 115.8}
+    (run_dir / SUMMARY).write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.mark.parametrize("models", [("simple-cnn", "simple-cnn"), ("simple-cnn", "efficientnet-lite0")],
+                         ids=["one setup", "two setups"])
+def test_final_tables_fit_100_columns_and_cut_no_cell(tmp_path, capsys, models):
+    from rich.console import Console
+
+    from simulations.tables import curve_tables, summary_table
+
+    curve = [0.0959, 0.3441, 0.6359, 0.7164, 0.7611, 0.8076]
+    runs = [_finished_run(tmp_path / "simple-cnn-e1-dir0.1-fedavg-uniform-clients-s0", "fedavg", models[0], curve),
+            _finished_run(tmp_path / "efficientnet-lite0-e5-dir0.1-fusion-uniform-s12", "fusion", models[1],
+                          curve[:3], fused=1)]
+    console = Console(width=100, record=True)
+    for table in [*curve_tables(runs), summary_table(runs, title="comparison")]:
+        console.print(table)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text
+    for cell in ("0.8076", "0.7164", "1791/5372", "1093.89", "1/2", "fusion", "fedavg"):
+        assert cell in text, cell
+    assert ("setup" in text) == (models[0] != models[1])
+    assert main(["compare", *map(str, runs)]) == 0 and "0.8076" in capsys.readouterr().out

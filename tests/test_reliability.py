@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from clients import faults
-from data import FederationSpec
 from server.results import read_jsonl
 from server.settings import RunSettings
 from simulations.simulate import simulate
@@ -19,11 +18,10 @@ from strategies.validation import reply_problem
 
 
 def _settings(out, **overrides):
-    federation = FederationSpec(dataset="mnist-5k", partition="dirichlet", alpha=0.5, clients=4, proxy_size=100, seed=3)
-    values = dict(federation=federation, rounds=3, local_epochs=1, lr=0.05, batch_size=32, ray_num_cpus=2,
-                  out=str(out))
+    values = dict(dataset="mnist-5k", partition="dirichlet", alpha=0.5, clients=4, proxy_size=100, seed=3, rounds=3,
+                  local_epochs=1, lr=0.05, batch_size=32, ray_num_cpus=2, out=str(out))
     values.update(overrides)
-    settings = RunSettings(**values)
+    settings = RunSettings.from_mapping(values)
     settings.validate()
     return settings
 
@@ -108,3 +106,17 @@ def test_a_run_killed_mid_round_resumes_to_the_same_result(clean_run, tmp_path):
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["round"] for m in metrics] == [1, 2, 3]  # each round once
     assert resumed["accuracy_curve"] == summary["accuracy_curve"]
+
+
+def test_resume_plans_only_the_rounds_left_and_restores_the_checkpoint_where_it_was_cut():
+    from server.server_app import Phase, plan_phases
+
+    fresh = plan_phases(rounds=3, full_finetune_rounds=2, resume_round=0)
+    assert fresh == [Phase(False, 0, 3, restore=False), Phase(True, 3, 5, restore=False)]
+    # killed in the projected phase: finish it from the checkpoint, then fold
+    assert plan_phases(3, 2, 2) == [Phase(False, 2, 3, restore=True), Phase(True, 3, 5, restore=False)]
+    # killed right after the projected phase: nothing left of it, its model is the checkpoint's
+    assert plan_phases(3, 2, 3) == [Phase(False, 3, 3, restore=True), Phase(True, 3, 5, restore=False)]
+    # killed inside the fine-tuning phase: the checkpoint holds the folded model
+    assert plan_phases(3, 2, 4) == [Phase(False, 3, 3, restore=False), Phase(True, 4, 5, restore=True)]
+    assert plan_phases(5, 0, 5) == [Phase(False, 5, 5, restore=True)]

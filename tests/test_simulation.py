@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import models
-from data import FederationSpec
 from server.results import read_jsonl
 from server.settings import RunSettings
 from simulations.simulate import simulate
@@ -15,11 +14,10 @@ from strategies import PartitionSampler
 
 
 def _settings(tmp_path, **overrides):
-    federation = FederationSpec(dataset="mnist-5k", partition="iid", clients=4, proxy_size=100, seed=0)
-    values = dict(federation=federation, rounds=2, local_epochs=2, lr=0.02, batch_size=32,
-                  ray_num_cpus=2, out=str(tmp_path / "run"))
+    values = dict(dataset="mnist-5k", partition="iid", clients=4, proxy_size=100, seed=0, rounds=2, local_epochs=2,
+                  lr=0.02, batch_size=32, ray_num_cpus=2, out=str(tmp_path / "run"))
     values.update(overrides)
-    settings = RunSettings(**values)
+    settings = RunSettings.from_mapping(values)
     settings.validate()
     return settings
 
@@ -50,7 +48,7 @@ def test_two_round_fedavg_simulation_learns_and_writes_the_run_directory(tmp_pat
 
     partition = json.loads((run / "partition.json").read_text())
     assert np.array(partition["histogram"]).sum() == 3900 and partition["proxy_size"] == 100
-    assert json.loads((run / "config.json").read_text())["federation"]["dataset"] == "mnist-5k"
+    assert json.loads((run / "config.json").read_text())["dataset"] == "mnist-5k"
 
     saved = torch.load(run / "model.pt", weights_only=False)
     model = models.create(saved["model"], saved["num_classes"])
@@ -59,9 +57,8 @@ def test_two_round_fedavg_simulation_learns_and_writes_the_run_directory(tmp_pat
 
 
 def test_fedprox_with_partial_participation_samples_the_seeded_partitions(tmp_path):
-    federation = FederationSpec(dataset="mnist-5k", partition="dirichlet", alpha=0.1, clients=6,
-                                proxy_size=100, seed=3)
-    settings = _settings(tmp_path, federation=federation, strategy="fedprox", fraction=0.5, local_epochs=1)
+    settings = _settings(tmp_path, partition="dirichlet", alpha=0.1, clients=6, seed=3, strategy="fedprox",
+                         fraction=0.5, local_epochs=1)
     summary = simulate(settings, show_progress=False)
     clients = read_jsonl(tmp_path / "run" / "clients.jsonl")
     sampler = PartitionSampler({p: p for p in range(6)}, fraction=0.5, min_clients=1, seed=3)
@@ -104,9 +101,8 @@ def _overlaps(intervals: list[tuple[float, float]]) -> int:
 def test_fusion_simulation_learns_and_shares_two_logical_gpus(tmp_path):
     # Non-IID shards, several local epochs: the regime fusion is for. Ray declares two
     # logical GPUs on this GPU-less machine; each client asks for half of one.
-    settings = _settings(tmp_path, strategy="fusion", federation=FederationSpec(
-        dataset="mnist-5k", partition="dirichlet", alpha=0.5, clients=4, proxy_size=256, seed=0),
-        local_epochs=3, lr=0.05, client_cpus=0.5, client_gpus=0.5, ray_num_gpus=2)
+    settings = _settings(tmp_path, strategy="fusion", partition="dirichlet", alpha=0.5, proxy_size=256,
+                         local_epochs=3, lr=0.05, client_cpus=0.5, client_gpus=0.5, ray_num_gpus=2)
     summary = simulate(settings, show_progress=False)
     run = tmp_path / "run"
 

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from models import ProjectedConv2d, ProjectedLinear, levels
-from strategies.fusion.chains import conv_norm_chain, fit_chain
+from models import Level, ProjectedConv2d, ProjectedLinear, levels
+from strategies.fusion.chains import Chain, conv_norm_chain, fit_chain
 from strategies.fusion.fitting import closed_form_fit, gradient_fit
-from strategies.fusion.matching import match_level
+from strategies.fusion.matching import Matching, match_level
 
 _NORMS = nn.modules.batchnorm._BatchNorm
 
@@ -118,6 +118,130 @@ def head_targets(logits: list[torch.Tensor], class_weights: torch.Tensor | None 
             + sum(offsets) / len(offsets)).float()
 
 
+@dataclass
+class _Probes:
+    """One level on the proxy inputs: each model's probe input and output (the level's
+    neurons), and the fused model's level input, probe input and current probe output."""
+
+    client_levels: list[Level]
+    client_inputs: list[torch.Tensor]
+    client_acts: list[torch.Tensor]
+    fused_input: torch.Tensor
+    fused_probe_input: torch.Tensor
+    current: torch.Tensor
+
+
+def _check_attributions(attributions: list[list[torch.Tensor]] | None, n_models: int,
+                        fused_levels: list[Level]) -> None:
+    """One finite score per neuron, for every model and level (None: uniform scores)."""
+    if attributions is None:
+        return
+    if len(attributions) != n_models:
+        raise FusionError(f"attributions for {len(attributions)} models, but {n_models} models")
+    for i, per_level in enumerate(attributions):
+        if len(per_level) != len(fused_levels):
+            raise FusionError(f"model {i}: attributions for {len(per_level)} levels, the model has {len(fused_levels)}")
+        for level, scores in zip(fused_levels, per_level):
+            if scores.shape != (level.width,) or not torch.isfinite(scores).all():
+                raise FusionError(f"model {i}, level {level.name}: attribution scores must be {level.width} finite "
+                                  f"numbers, got shape {tuple(scores.shape)}")
+
+
+@torch.no_grad()
+def _probe_level(level: Level, client_levels: list[Level], inputs: list[torch.Tensor],
+                 fused_input: torch.Tensor) -> tuple[_Probes, list[torch.Tensor]]:
+    """Probe the models' and the fused model's level; also returns the models' level
+    outputs, the next level's inputs."""
+    probe_ins = [lv.probe_input(i) for lv, i in zip(client_levels, inputs)]
+    client_acts = [lv.probe(p) for lv, p in zip(client_levels, probe_ins)]
+    # A block probed whole: its output is the probe's (one forward pass per model, not two).
+    whole = level.probe is level.module and level.prefix is None
+    outputs = client_acts if whole else [lv(i) for lv, i in zip(client_levels, inputs)]
+    fused_probe_in = level.probe_input(fused_input)
+    probes = _Probes(client_levels, probe_ins, client_acts, fused_input, fused_probe_in, level.probe(fused_probe_in))
+    return probes, outputs
+
+
+def _level_chain(level: Level, fit: str) -> Chain | None:
+    """The hidden level as a conv-norm chain to fit in closed form, or None: the head,
+    a layer level (probed at its leading conv/linear), fit "gradient", or no chain."""
+    if level.kind == "head" or level.probe is not level.module or fit == "gradient":
+        return None
+    return conv_norm_chain(level.module)
+
+
+def _level_targets(level: Level, probes: _Probes, chain: Chain | None, scores: list[torch.Tensor] | None,
+                   class_weights: torch.Tensor | None, max_dim: int, restarts: bool,
+                   seed: int) -> tuple[torch.Tensor, Matching]:
+    """The fused level's target output and the matching behind it (its targets are the
+    pre-activations when the chain is fitted before its activation). The head matches
+    classes one-to-one; a hidden level's neurons are clustered (`scores` None: uniform)."""
+    if level.kind == "head":
+        targets = head_targets(probes.client_acts, class_weights)
+        cost = _mse(probes.current, targets) / max(_mse(targets, 0 * targets), 1e-12)
+        return targets, Matching(targets, cost, 0.0, "classes")
+    if scores is None:
+        scores = [torch.ones(level.width) for _ in probes.client_acts]
+    values = fused_values = None
+    if chain is not None and not isinstance(chain.stages[-1].act, nn.Identity):
+        # The fit is linear before the activation: average the members' pre-activations.
+        with torch.no_grad():
+            values = [conv_norm_chain(lv.module).outputs(p)[-1]
+                      for lv, p in zip(probes.client_levels, probes.client_inputs)]
+            fused_values = chain.outputs(probes.fused_probe_input)[-1]
+    matching = match_level(probes.client_acts, scores, probes.current, max_dim=max_dim, seed=seed,
+                           fresh_start=restarts and _free_layer(level.probe), values=values,
+                           fused_values=fused_values, fixed_channels=chain is not None and chain.fixed_channels)
+    targets = matching.targets if values is None else _apply_activation(chain, matching.targets)
+    return targets, matching
+
+
+def _fit_level(level: Level, probes: _Probes, chain: Chain | None, targets: torch.Tensor, matched: torch.Tensor,
+               fit: str, ridge: float | None, grad_steps: int, seed: int) -> str:
+    """Fit the fused level, fed its own input, to `targets`: a chain in closed form (its
+    last stage to the pre-activation targets `matched`), else the probe in closed form
+    unless fit is "gradient", else by gradient steps. Returns how it was fitted."""
+    block = level.probe is level.module
+    x = probes.fused_probe_input
+    if block and chain is None:  # the block's BatchNorms first see the fused model's own input (the proxy)
+        reestimate_batchnorm(level.module, probes.fused_input)
+    if chain is not None and fit_chain(chain, x, [conv_norm_chain(lv.module) for lv in probes.client_levels],
+                                       probes.client_inputs, matched - x if chain.skip else matched, ridge, seed=seed):
+        how = "closed (chain)"
+    elif fit in ("auto", "closed") and closed_form_fit(level.probe, x, targets, ridge, seed=seed):
+        how = "closed"
+    elif fit == "closed" and not block:
+        raise FusionError(f"level {level.name}: no closed-form fit for {type(level.probe).__name__}")
+    else:
+        params = [p for p in level.probe.parameters() if p.requires_grad]
+        gradient_fit(level.probe, params, x, targets, steps=grad_steps, seed=seed)
+        how = "gradient"
+    if not block:  # norms after the probe: statistics of the newly fitted outputs
+        reestimate_batchnorm(level.module, probes.fused_input)
+    return how
+
+
+@torch.no_grad()
+def _keep_if_better(level: Level, probes: _Probes, targets: torch.Tensor, saved: dict, loss_before: float,
+                    how: str) -> tuple[str, float]:
+    """Never worse than it was (a NaN fit is worse too): unless the fit lowered the
+    level's loss, restore `saved`, the state before it. Returns how and the loss."""
+    loss_after = _mse(level.probe(probes.fused_probe_input), targets)
+    if loss_after < loss_before:
+        return how, loss_after
+    level.module.load_state_dict(saved)
+    how += " (reverted)"
+    # The averaged level's BatchNorm statistics belong to the averaged model's
+    # inputs, not to the fused model's: refresh them if that alone helps.
+    if any(isinstance(m, _NORMS) for m in level.module.modules()):
+        reestimate_batchnorm(level.module, probes.fused_input)
+        refreshed = _mse(level.probe(probes.fused_probe_input), targets)
+        if refreshed < loss_before:
+            return how + ", norms re-estimated", refreshed
+        level.module.load_state_dict(saved)
+    return how, loss_before
+
+
 def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Tensor]] | None = None,
          width: int | None = None, *, class_weights: torch.Tensor | None = None, fit: str = "auto",
          ridge: float | None = None, grad_steps: int = 100, max_dim: int = 4096, restarts: bool = True,
@@ -149,91 +273,26 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
     model_levels = [levels(m) for m in models]
     fused = average_models(models)
     fused_levels = levels(fused)
-    widths = [lv.width for lv in fused_levels]
-    if attributions is not None:
-        if len(attributions) != len(models):
-            raise FusionError(f"attributions for {len(attributions)} models, but {len(models)} models")
-        for i, per_level in enumerate(attributions):
-            if len(per_level) != len(widths):
-                raise FusionError(f"model {i}: attributions for {len(per_level)} levels, the model has {len(widths)}")
-            for level, scores, w in zip(fused_levels, per_level, widths):
-                if scores.shape != (w,) or not torch.isfinite(scores).all():
-                    raise FusionError(f"model {i}, level {level.name}: attribution scores must be {w} finite "
-                                      f"numbers, got shape {tuple(scores.shape)}")
+    _check_attributions(attributions, len(models), fused_levels)
     for m in models + [fused]:
         m.eval()
 
-    inputs = [x] * len(models)
-    fused_in = x
+    inputs, fused_in = [x] * len(models), x
     reports: list[LevelReport] = []
     for index, level in enumerate(fused_levels):
         level_started = time.perf_counter()
+        probes, inputs = _probe_level(level, [lv[index] for lv in model_levels], inputs, fused_in)
+        chain = _level_chain(level, fit)
+        scores = None if attributions is None else [a[index] for a in attributions]
+        targets, matching = _level_targets(level, probes, chain, scores, class_weights, max_dim, restarts, seed + index)
+        loss_before = _mse(probes.current, targets)
+        saved = copy.deepcopy(level.module.state_dict())  # to go back to if the fit makes it worse
+        how = _fit_level(level, probes, chain, targets, matching.targets, fit, ridge, grad_steps, seed + index)
+        how, loss_after = _keep_if_better(level, probes, targets, saved, loss_before, how)
         with torch.no_grad():
-            client_levels = [lv[index] for lv in model_levels]
-            probe_ins = [lv.probe_input(i) for lv, i in zip(client_levels, inputs)]
-            client_acts = [lv.probe(p) for lv, p in zip(client_levels, probe_ins)]
-            # A block probed whole: its output is the probe's (one forward pass per model, not two).
-            whole = level.probe is level.module and level.prefix is None
-            inputs = client_acts if whole else [lv(i) for lv, i in zip(client_levels, inputs)]
-            fused_probe_in = level.probe_input(fused_in)
-            current = level.probe(fused_probe_in)
-
-        if level.kind == "head":
-            targets = head_targets(client_acts, class_weights)
-            matching_cost, moved, init = _mse(current, targets) / max(_mse(targets, 0 * targets), 1e-12), 0.0, "classes"
-        else:
-            scores = [torch.ones(level.width) for _ in models] if attributions is None \
-                else [attributions[i][index] for i in range(len(models))]
-            chain = conv_norm_chain(level.module) if level.probe is level.module and fit != "gradient" else None
-            values = fused_values = None
-            if chain is not None and not isinstance(chain.stages[-1].act, nn.Identity):
-                # The fit is linear before the activation: average the members' pre-activations.
-                with torch.no_grad():
-                    values = [conv_norm_chain(lv.module).outputs(p)[-1] for lv, p in zip(client_levels, probe_ins)]
-                    fused_values = chain.outputs(fused_probe_in)[-1]
-            matching = match_level(client_acts, scores, current, max_dim=max_dim, seed=seed + index,
-                                   fresh_start=restarts and _free_layer(level.probe), values=values,
-                                   fused_values=fused_values, fixed_channels=chain is not None and chain.fixed_channels)
-            matched, matching_cost, moved, init = matching.targets, matching.cost, matching.moved, matching.init
-            targets = matched if values is None else _apply_activation(chain, matched)
-
-        loss_before = _mse(current, targets)
-        saved = copy.deepcopy(level.module.state_dict())
-        block = level.probe is level.module
-        if block and chain is None:  # the block's BatchNorms first see the fused model's own input (the proxy)
-            reestimate_batchnorm(level.module, fused_in)
-        if level.kind != "head" and chain is not None and fit_chain(
-                chain, fused_probe_in, [conv_norm_chain(lv.module) for lv in client_levels], probe_ins,
-                matched - fused_probe_in if chain.skip else matched, ridge, seed=seed + index):
-            how = "closed (chain)"
-        elif fit in ("auto", "closed") and closed_form_fit(level.probe, fused_probe_in, targets, ridge,
-                                                           seed=seed + index):
-            how = "closed"
-        elif fit == "closed" and not block:
-            raise FusionError(f"level {level.name}: no closed-form fit for {type(level.probe).__name__}")
-        else:
-            params = [p for p in level.probe.parameters() if p.requires_grad]
-            gradient_fit(level.probe, params, fused_probe_in, targets, steps=grad_steps, seed=seed + index)
-            how = "gradient"
-        with torch.no_grad():
-            if not block:  # norms after the probe: statistics of the newly fitted outputs
-                reestimate_batchnorm(level.module, fused_in)
-            loss_after = _mse(level.probe(fused_probe_in), targets)
-            if not loss_after < loss_before:  # never worse than it was (a NaN fit is worse too)
-                level.module.load_state_dict(saved)
-                how, loss_after = how + " (reverted)", loss_before
-                # The averaged level's BatchNorm statistics belong to the averaged model's
-                # inputs, not to the fused model's: refresh them if that alone helps.
-                if any(isinstance(m, _NORMS) for m in level.module.modules()):
-                    reestimate_batchnorm(level.module, fused_in)
-                    refreshed = _mse(level.probe(fused_probe_in), targets)
-                    if refreshed < loss_before:
-                        how, loss_after = how + ", norms re-estimated", refreshed
-                    else:
-                        level.module.load_state_dict(saved)
             fused_in = level(fused_in)
-        reports.append(LevelReport(level.name, level.kind, level.width, how, matching_cost, moved, init,
-                                   loss_before, loss_after, time.perf_counter() - level_started))
+        reports.append(LevelReport(level.name, level.kind, level.width, how, matching.cost, matching.moved,
+                                   matching.init, loss_before, loss_after, time.perf_counter() - level_started))
     fused.eval()
     return fused, {"levels": [asdict(r) for r in reports], "seconds": time.perf_counter() - started,
                    "models": len(models), "proxy_size": len(x)}
