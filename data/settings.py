@@ -95,7 +95,7 @@ def from_flat(cls, values, strict: bool = True, internal_too: bool = False):
                 raise SettingsError(f"unknown setting '{key}'")
             continue
         flat[name] = _typed(name, value, type(known[name].default))
-    return _build(cls, flat)
+    return _build(cls, flat, internal_too)
 
 
 def _typed(name: str, value, expected: type):
@@ -106,12 +106,12 @@ def _typed(name: str, value, expected: type):
     return value
 
 
-def _build(cls, flat: dict):
+def _build(cls, flat: dict, internal_too: bool):
     kwargs = {}
     for f in fields(cls):
         if _is_nested(f):
-            kwargs[f.name] = _build(f.default_factory, flat)
-        elif f.name in flat:
+            kwargs[f.name] = _build(f.default_factory, flat, internal_too)
+        elif f.name in flat and (internal_too or not f.metadata.get("internal")):
             kwargs[f.name] = flat[f.name]
     return cls(**kwargs)
 

@@ -17,6 +17,7 @@ from data.settings import (
     Check,
     SettingsError,
     check_values,
+    choices_of,
     declared,
     flag,
     from_flat,
@@ -152,8 +153,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = type(f.default)
         used_by = f.metadata["strategies"]
         shown = f"{f.default!r}" if kind is str else f"{f.default}"
-        text = (f"[{', '.join(used_by)}] " if used_by else "") + f"{f.metadata['help']} (default: {shown})"
-        kwargs = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind, "metavar": name.upper()}
+        text = (f"[{', '.join(used_by)}] " if used_by else "") + f.metadata["help"]
+        if "default" not in text:
+            text += f" (default: {shown})"
+        choices = choices_of(f)
+        metavar = "{" + ",".join(choices) + "}" if choices else {int: "N", float: "X", str: "TEXT"}.get(kind)
+        kwargs = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind, "metavar": metavar}
         groups[owner].add_argument(flag(name), dest=name, default=argparse.SUPPRESS, help=text.replace("%", "%%"),
                                    **kwargs)
 

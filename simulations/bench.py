@@ -55,7 +55,8 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
     selected = {run.run_id for run in _select(grid, only)}
     groups: dict[tuple, dict] = {}
     for run in grid.runs:  # estimates draw on every finished run, the slice or not
-        key = (run.settings.model, run.settings.local_epochs, run.strategy)
+        task = run.settings.train_task()
+        key = (task.model, task.local_epochs, run.strategy)
         group = groups.setdefault(key, {"walls": [], "finished": 0, "pending": 0, "selected": False})
         in_slice = run.run_id in selected
         group["selected"] |= in_slice

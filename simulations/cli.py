@@ -9,90 +9,24 @@ import sys
 DEFAULTS_NOTE = "defaults: Fashion-MNIST, Dirichlet alpha 0.5, 10 clients, simple-cnn"
 
 
-def _run_parser(sub) -> None:
+def _run_parser(sub, with_flags: bool) -> None:
+    """`fedfuse run`: one flag per declared run setting (server.settings), added only
+    when the command is `run` (they import torch and flwr)."""
     p = sub.add_parser("run", help="one federated simulation", description=f"One simulation ({DEFAULTS_NOTE}).")
-    p.add_argument("--strategy", default="fedavg", help="fedavg, fedprox or fusion (neuron-centric fusion)")
-    p.add_argument("--attribution", default="gradxact",
-                   help="fusion's neuron scores, computed by each client on its shard: gradxact, conductance, "
-                        "or uniform (plain neuron-centric fusion)")
-    p.add_argument("--attribution-samples", type=int, default=256, help="client samples used for attributions")
-    p.add_argument("--fusion-check", default="clients",
-                   help="fusion sends the fused model only if it beats the average: in accuracy on the clients' "
-                        "data (clients), in agreement with their ensemble on held-out proxy samples (proxy), "
-                        "or always (off)")
-    p.add_argument("--check-samples", type=int, default=500, help="fusion check: examples per client")
-    p.add_argument("--fusion-rounds", type=int, default=0,
-                   help="fusion: fuse in the first N rounds only, then average as FedAvg does (0: every round)")
-    p.add_argument("--share-class-counts", action=argparse.BooleanOptionalAction, default=True,
-                   help="fusion: clients send their class histogram, which weighs the head's targets")
-    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, cifar10, mnist-5k, digits, synthetic")
-    p.add_argument("--data-root", default="", help="folder of the dataset's files (default: its offline location)")
-    p.add_argument("--download", action="store_true", help="allow downloading the dataset (online only)")
-    p.add_argument("--partition", default="dirichlet", help="iid, dirichlet or pathological")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration: smaller is more skewed")
-    p.add_argument("--classes-per-client", type=int, default=2, help="#C for the pathological partition")
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--fraction", type=float, default=1.0, help="share of clients sampled per round")
-    p.add_argument("--min-clients", type=int, default=1, help="sample at least this many clients per round")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
-    p.add_argument("--model", default="simple-cnn")
-    p.add_argument("--projection", action=argparse.BooleanOptionalAction, default=None,
-                   help="train projected convolutions: one scale per channel pair over frozen kernels "
-                        "(default: on for pretrained backbones)")
-    p.add_argument("--pointwise", default="freeze", help="projection's policy for 1x1 convs: project, freeze or train")
-    p.add_argument("--full-finetune-rounds", type=int, default=0,
-                   help="after the projected rounds, fold the model and fine-tune every weight for K more rounds")
-    p.add_argument("--full-finetune-lr", type=float, default=0.0, help="learning rate after folding (0: --lr)")
-    p.add_argument("--resolution", type=int, default=0, help="input side in pixels for ImageNet backbones (0: model default)")
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random initial weights")
-    p.add_argument("--weights", default="", help="local checkpoint for a timm:NAME model")
-    p.add_argument("--proxy-size", type=int, default=1000, help="training samples held out as the server's unlabeled proxy set")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/latest", help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete round")
-    p.add_argument("--client-cpus", type=float, default=1.0, help="CPUs Ray reserves per client (and torch threads)")
-    p.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per client: 0.5 puts two clients on a GPU")
-    p.add_argument("--ray-address", default="", help="join a running Ray cluster ('auto' or HOST:PORT)")
-    p.add_argument("--ray-num-cpus", type=int, default=0, help="CPUs of the local Ray instance (0: all)")
-    p.add_argument("--ray-num-gpus", type=float, default=-1.0, help="GPUs Ray declares locally (-1: detect)")
-    p.add_argument("--client-failure-rate", type=float, default=0.0,
-                   help="fault injection: each sampled client crashes with this probability (seeded)")
-    p.add_argument("--poison-clients", type=int, default=0, help="fault injection: this many clients send broken updates")
-    p.add_argument("--poison", default="nan", help="their kind of broken update: nan, inf, scale, shape")
+    if with_flags:
+        from server.settings import add_arguments
+
+        add_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no live progress")
     p.add_argument("--verbose", action="store_true", help="Flower's and Ray's own logs")
 
 
 def settings_from_args(args: argparse.Namespace):
-    from data import FederationSpec
-    from server.settings import RunSettings, default_projection
+    """The run settings from `fedfuse run`'s flags: only the flags given (the parser sets
+    no defaults), the rest from the declaration."""
+    from server.settings import RunSettings
 
-    federation = FederationSpec(
-        dataset=args.dataset, partition=args.partition, alpha=args.alpha,
-        classes_per_client=args.classes_per_client, clients=args.clients, proxy_size=args.proxy_size,
-        seed=args.seed, data_root=args.data_root, download=args.download,
-    )
-    return RunSettings(
-        federation=federation, strategy=args.strategy, model=args.model, pretrained=args.pretrained,
-        weights=args.weights, pointwise=args.pointwise, resolution=args.resolution,
-        full_finetune_rounds=args.full_finetune_rounds, full_finetune_lr=args.full_finetune_lr,
-        projection=default_projection(args.model, args.pretrained) if args.projection is None else args.projection,
-        rounds=args.rounds, fraction=args.fraction, min_clients=args.min_clients,
-        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, attribution=args.attribution,
-        attribution_samples=args.attribution_samples, fusion_check=args.fusion_check,
-        check_samples=args.check_samples, fusion_rounds=args.fusion_rounds, share_class_counts=args.share_class_counts,
-        client_cpus=args.client_cpus,
-        client_gpus=args.client_gpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
-        ray_num_gpus=args.ray_num_gpus, out=args.out, resume=args.resume,
-        client_failure_rate=args.client_failure_rate, poison_clients=args.poison_clients, poison=args.poison,
-    )
+    return RunSettings.from_mapping({k: v for k, v in vars(args).items() if k not in ("command", "quiet", "verbose")})
 
 
 def _fail(message: str) -> int:
@@ -101,7 +35,6 @@ def _fail(message: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-
     from data import build_federation
     from simulations.simulate import simulate
     from simulations.tables import (
@@ -175,9 +108,12 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return _guarded(importlib.import_module(LAB[args.lab]).main, args)
 
 
-def _lab_names_needed(argv: list[str]) -> list[str]:
-    """The lab modules whose flags this command line needs: the one it names, or all of
-    them when it names none (`fedfuse lab --help` lists their help lines)."""
+def _lab_names_needed(argv: list[str] | None) -> list[str]:
+    """The lab modules whose flags the command line `argv` needs: the one it names, or all
+    of them when it names none (`fedfuse lab --help` lists their help lines) or when no
+    command line is given (a parser for any)."""
+    if argv is None:
+        return list(LAB)
     if argv[:1] != ["lab"]:
         return []
     return argv[1:2] if argv[1:2] and argv[1] in LAB else list(LAB)
@@ -226,14 +162,15 @@ def _lab_parser(sub, load: list[str]) -> None:
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The parser for `argv`: only a `fedfuse lab` command line loads lab modules."""
+    """The parser for the command line `argv`: only a `fedfuse lab` one loads lab modules.
+    Without `argv`, the parser of every command, lab benchmarks included."""
     parser = argparse.ArgumentParser(prog="fedfuse", description="Federated simulations on Flower: fusion vs FedAvg.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _run_parser(sub)
+    _run_parser(sub, with_flags=argv is None or argv[:1] == ["run"])
     _bench_parser(sub)
     _compare_parser(sub)
     _fuse_parser(sub)
-    _lab_parser(sub, _lab_names_needed(sys.argv[1:] if argv is None else argv))
+    _lab_parser(sub, _lab_names_needed(argv))
     return parser
 
 
@@ -241,6 +178,7 @@ COMMANDS = {"run": cmd_run, "bench": cmd_bench, "compare": cmd_compare, "fuse": 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     return COMMANDS[args.command](args)
 

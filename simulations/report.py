@@ -28,9 +28,9 @@ def collect_rows(grid: Grid) -> list[dict]:
         run_dir = Path(run.settings.out)
         if not is_finished(run_dir):
             continue
-        summary = read_summary(run_dir)
+        summary, task = read_summary(run_dir), run.settings.train_task()
         common = {"run": run.run_id, "setting": run.setting, "strategy": run.strategy, "seed": run.seed,
-                  "model": run.settings.model, "local_epochs": run.settings.local_epochs,
+                  "model": task.model, "local_epochs": task.local_epochs,
                   "split": "union" if run.strategy == CENTRALISED else split_label(run.settings.federation)}
         rows.append({**common, "round": 0, "accuracy": summary["initial_accuracy"], "loss": "", "bytes_up": 0,
                      "bytes_down": 0, "bytes_total": 0, "round_s": "", "aggregate_s": "", "selected": ""})

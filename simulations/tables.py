@@ -51,12 +51,12 @@ SUMMARY_COLUMNS = [
     ("rounds", lambda s, d: str(s["rounds"]), ""),
     ("final", lambda s, d: f"{s['final_accuracy']:.4f}", "final, best: test accuracy"),
     ("best", lambda s, d: f"{s['best_accuracy']:.4f}", ""),
-    (f"last {LAST_ROUNDS}", lambda s, d: optional(_last_rounds_mean(s)), f"last {LAST_ROUNDS}: its mean over the last "
+    (f"last {LAST_ROUNDS}", lambda s, d: optional(_last_rounds_mean(s)), f"last {LAST_ROUNDS}: mean of the last "
                                                                           f"{LAST_ROUNDS} rounds"),
     ("MB up/down", lambda s, d: f"{_megabytes(s['bytes_up'])}/{_megabytes(s['bytes_down'])}",
-     "MB up/down: what the clients sent and received"),
+     "MB up/down: sent/received by the clients"),
     ("s/round", lambda s, d: f"{s['mean_round_s']:.2f}", ""),
-    ("fused", lambda s, d: _fused_rounds(s), "fused: rounds that sent the fused model"),
+    ("fused", lambda s, d: _fused_rounds(s), "fused: rounds the fused model went out"),
 ]
 TEXT_COLUMNS = {"run", "strategy", "setup"}
 # Shown only when some run has a value (fusion runs): a FedAvg table has no "fused" column.
@@ -120,13 +120,13 @@ def summary_table(run_dirs: list[str | Path], title: str = "results") -> Table:
 
 def curve_table(run_dirs: list[str | Path]) -> Table:
     """Accuracy per round, one column per run (round 0: the initial model)."""
-    curves = {Path(d).name: read_summary(d)["accuracy_curve"] for d in run_dirs}
+    curves = [read_summary(d)["accuracy_curve"] for d in run_dirs]  # two runs may share a folder name
     table = _narrow_table("test accuracy per round")
     _column(table, "round")
-    for name in curves:
-        table.add_column(name, justify="right", overflow="fold")  # a long run name folds over its numbers
-    for r in range(max(len(c) for c in curves.values())):
-        table.add_row(str(r), *[f"{c[r]:.4f}" if r < len(c) else "" for c in curves.values()])
+    for run_dir in run_dirs:
+        table.add_column(Path(run_dir).name, justify="right", overflow="fold")  # a long name folds above its numbers
+    for r in range(max(len(c) for c in curves)):
+        table.add_row(str(r), *[f"{c[r]:.4f}" if r < len(c) else "" for c in curves])
     return table
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.results import SUMMARY, is_finished
 from server.settings import SettingsError
 from simulations import bench
 from simulations.grid import load_grid
@@ -25,7 +26,7 @@ def _grid_file(tmp_path, text: str) -> Path:
     ('strategies = ["fedavg"]\nrounds = 3\n', "unknown key"),
     ('strategies = ["fedsgd"]\n', "unknown strategy 'fedsgd'"),
     ('strategies = ["fedavg"]\n[base]\nrouns = 3\n', "unknown setting 'rouns'"),
-    ('strategies = ["fedavg"]\n[base]\nrounds = "ten"\n', "'rounds' must be int"),
+    ('strategies = ["fedavg"]\n[base]\nrounds = "ten"\n', "--rounds must be int"),
     ('strategies = ["fedavg"]\n[[partitions]]\npartition = "dirichlet"\nalpha = 0.0\n', "--alpha must be > 0"),
     ('strategies = ["fedavg"]\nseeds = []\n', "'seeds' must be a non-empty list"),
     ('strategies = ["fedavg"]\n[base]\nseed = 1\n', "set by the grid"),
@@ -42,9 +43,9 @@ def test_grid_expands_strategies_splits_epochs_models_and_seeds(tmp_path):
     federated = [r for r in grid.runs if r.strategy != "centralised"]
     assert len(federated) == 4 * 3 * 2 * 2 * 3 and len(grid.runs) - len(federated) == 2 * 2 * 3
     uniform = [r for r in federated if r.strategy == "fusion-uniform"]
-    assert all(r.settings.strategy == "fusion" and r.settings.attribution == "uniform" for r in uniform)
-    effnet = [r for r in grid.runs if r.settings.model == "efficientnet-lite0"]
-    assert all(r.settings.projection and r.settings.resolution == 32 for r in effnet)
+    assert all(r.settings.strategy == "fusion" and r.settings.train_task().attribution == "uniform" for r in uniform)
+    effnet = [r.settings.train_task() for r in grid.runs if r.settings.train_task().model == "efficientnet-lite0"]
+    assert effnet and all(task.projection and task.resolution == 32 for task in effnet)
     # Same seed, same split: every strategy runs on the same partition.
     same = [r.settings.federation for r in federated if r.setting == "simple-cnn-e1-dir0.1" and r.seed == 1]
     assert len(same) == 4 and len(set(same)) == 1
@@ -106,7 +107,7 @@ def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp
                 "simple-cnn-e1-dir0.5-fusion-s0": 300.0, "simple-cnn-e3-dir0.5-fusion-s1": 600.0}
     for run_id, wall in finished.items():
         (out / "runs" / run_id).mkdir(parents=True)
-        (out / "runs" / run_id / "summary.json").write_text(f'{{"wall_s": {wall}}}')
+        (out / "runs" / run_id / SUMMARY).write_text(f'{{"wall_s": {wall}}}')
     plan = {(line["local_epochs"], line["strategy"]): line for line in bench.plan_grid(str(config), str(out))}
     assert plan[1, "fedavg"]["pending"] == 0 and plan[1, "fedavg"]["minutes_per_run"] == pytest.approx(1.5)
     assert plan[1, "fusion"]["pending"] == 1 and plan[1, "fusion"]["pending_hours"] == pytest.approx(300 / 3600)
@@ -136,13 +137,13 @@ def _report_finals(report: str) -> dict[tuple[str, str], tuple[float, float]]:
 def test_smoke_grid_writes_every_output_and_resumes_without_redoing_runs(tmp_path):
     first = bench.run_grid(str(SMOKE), str(tmp_path), limit=1, quiet=True)  # "interrupted" after one run
     assert first == {"done": 1, "kept": 0, "failed": 0}
-    done = [p for p in (tmp_path / "runs").iterdir() if (p / "summary.json").exists()]
+    done = [p for p in (tmp_path / "runs").iterdir() if is_finished(p)]
     assert len(done) == 1
-    stamp = (done[0] / "summary.json").stat().st_mtime_ns
+    stamp = (done[0] / SUMMARY).stat().st_mtime_ns
 
     second = bench.run_grid(str(SMOKE), str(tmp_path), quiet=True)
     assert second == {"done": 2, "kept": 1, "failed": 0}
-    assert (done[0] / "summary.json").stat().st_mtime_ns == stamp  # not redone
+    assert (done[0] / SUMMARY).stat().st_mtime_ns == stamp  # not redone
 
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert len(rows) == 3 * 3  # 3 runs (fedavg, fusion, centralised) x rounds 0..2

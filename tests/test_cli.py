@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from server.results import SUMMARY
+from server.results import CHECKPOINT, SUMMARY
 from simulations.cli import main
 
 BAD_INPUTS = [
     (["--alpha", "0"], "--alpha must be > 0"),
     (["--alpha", "-1"], "--alpha must be > 0"),
-    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--dataset", "imagenet"], "--dataset must be one of cifar10, digits, fashion-mnist"),
     (["--model", "resnet-9000"], "unknown model 'resnet-9000'"),
-    (["--strategy", "fedsgd"], "unknown --strategy 'fedsgd'"),
+    (["--strategy", "fedsgd"], "--strategy must be one of fedavg, fedprox, fusion, got 'fedsgd'"),
     (["--dataset", "digits", "--clients", "5000"], "more than the 438 training samples"),
     (["--dataset", "digits", "--partition", "pathological", "--classes-per-client", "11"],
      "--classes-per-client 11 is more than the dataset's 10 classes"),
@@ -69,7 +69,7 @@ def test_bad_input_fails_within_seconds_from_the_shell(tmp_path):
 
 def test_compare_refuses_a_directory_without_a_run(tmp_path, capsys):
     assert main(["compare", str(tmp_path)]) == 2
-    assert "no summary.json" in capsys.readouterr().err
+    assert f"no {SUMMARY}" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_run_directory_of_other_settings_or_a_broken_checkpoint(tmp_path):
@@ -79,11 +79,12 @@ def test_resume_refuses_a_run_directory_of_other_settings_or_a_broken_checkpoint
 
     out = RunDirectory(tmp_path)
     tmp_path.mkdir(exist_ok=True)
-    settings = RunSettings(out=str(tmp_path), resume=True)
-    out.save_checkpoint({"round": 2, "settings": _resumable(RunSettings(lr=0.5)), "arrays": {}, "history": []})
+    settings = RunSettings.from_mapping({"out": str(tmp_path), "resume": True})
+    out.save_checkpoint({"round": 2, "settings": _resumable(RunSettings.from_mapping({"lr": 0.5})), "arrays": {},
+                         "history": []})
     with pytest.raises(SettingsError, match=r"other settings \(lr\)"):
         _resume_point(out, settings)
-    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / CHECKPOINT).write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match="not a readable fedfuse checkpoint"):
         _resume_point(out, settings)
 

@@ -180,3 +180,18 @@ def test_fuse_command_refuses_bad_checkpoints(tmp_path, capsys):
         assert main(["fuse", *paths, "--out", str(tmp_path / "x.pt"), "--dataset", "mnist-5k"]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_fits_that_do_not_help_are_reverted():
+    """Never worse than it was: fusing copies of one model, the averaged hidden levels
+    already hit their targets (loss 0), so every fit there is reverted and their
+    weights come back bit for bit."""
+    torch.manual_seed(0)
+    model = models.create("simple-cnn", 10, pretrained=False).eval()
+    copies = [model, copy.deepcopy(model), copy.deepcopy(model)]
+    fused, report = fuse(copies, [torch.randn(64, 1, 28, 28)], restarts=False)
+    hidden, head = report["levels"][:-1], report["levels"][-1]
+    assert all(r["fit"] == "closed (reverted)" and r["loss_before"] == r["loss_after"] == 0 for r in hidden)
+    assert head["loss_after"] <= head["loss_before"] < 1e-12
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in fused.state_dict().items() if not k.startswith("11."))

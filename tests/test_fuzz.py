@@ -47,7 +47,7 @@ def test_random_flags_give_a_clear_error_or_valid_settings(flags):
         assert str(err) and "Traceback" not in str(err)
         return
     # Accepted settings are sane ones.
-    assert run.rounds >= 1 and 0 < run.fraction <= 1 and math.isfinite(run.lr) and run.lr > 0
+    assert run.rounds >= 1 and 0 < run.fraction <= 1 and math.isfinite(run.task.lr) and run.task.lr > 0
 
 
 toml_values = st.one_of(st.integers(-3, 100), st.floats(allow_nan=False), st.booleans(),

@@ -24,7 +24,7 @@ def _pyproject_run_config() -> dict:
 
 
 def _run_flags() -> set[str]:
-    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    run = build_parser(["run"])._subparsers._group_actions[0].choices["run"]
     return {s for action in run._actions for s in action.option_strings if s.startswith("--") and not
             s.startswith("--no-")} - {"--help", "--quiet", "--verbose"}
 
@@ -101,8 +101,8 @@ def test_the_three_doors_refuse_a_bad_value_with_the_same_line(tmp_path, capsys,
     if name == "strategy":
         grid_file.write_text(f'strategies = ["{value}"]\n')
     else:
-        grid_file.write_text(f'[[partitions]]\npartition = "dirichlet"\n{key} = {_toml(value)}\n'
-                             '[base]\ndataset = "digits"\n')
+        grid_file.write_text(f'strategies = ["fedavg"]\n[[partitions]]\npartition = "dirichlet"\n'
+                             f'{key} = {_toml(value)}\n[base]\ndataset = "digits"\n')
     with pytest.raises(SettingsError) as grid_error:
         load_grid(grid_file, tmp_path / "grid")
     assert str(grid_error.value).endswith(message if name != "strategy" else
@@ -121,3 +121,9 @@ def _toml(value) -> str:
     if isinstance(value, str):
         return f'"{value}"'
     return repr(value)
+
+
+def test_a_server_setting_never_fills_the_internal_field_of_the_same_name():
+    # FedProx's mu is a server setting; the clients' own proximal_mu is set by FedProx's message only
+    settings = RunSettings.from_mapping({"strategy": "fedavg", "proximal_mu": 0.5})
+    assert settings.proximal_mu == 0.5 and settings.train_task().proximal_mu == 0.0
