@@ -183,10 +183,11 @@ class RoundRecorder:
             if not self.history:
                 self.history.append({"round": 0, "accuracy": result["accuracy"], "loss": result["loss"]})
         else:
-            self._write_round(strategy.current, result, full_finetune, arrays)
+            self._write_round(strategy, result, full_finetune, arrays)
         return MetricRecord({"accuracy": result["accuracy"], "loss": result["loss"]})
 
-    def _write_round(self, record, result: dict, full_finetune: bool, arrays: ArrayRecord) -> None:
+    def _write_round(self, strategy, result: dict, full_finetune: bool, arrays: ArrayRecord) -> None:
+        record = strategy.current
         row = {
             "round": record.server_round, "accuracy": result["accuracy"], "loss": result["loss"],
             "bytes_up": record.bytes_up, "bytes_down": record.bytes_down, "aggregate_s": record.aggregate_s,
@@ -203,6 +204,7 @@ class RoundRecorder:
         self.out.save_checkpoint({
             "round": record.server_round, "full_finetune": full_finetune, "settings": _resumable(self.settings),
             "arrays": {k: v.numpy() for k, v in arrays.items()}, "history": self.history, "rng": _rng_state(),
+            "server_state": strategy.server_state(),
         })
         self.progress.round_done(row)
 
@@ -245,12 +247,12 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
         if phase.first == phase.last:  # the whole phase finished before the kill
             continue
         strategy = strategies.build(
-            settings.strategy, proximal_mu=settings.proximal_mu, template=model, proxy=proxy,
-            attribution=task.attribution, seed=spec.seed, fusion_check=settings.fusion_check,
-            check_samples=settings.check_samples, fusion_rounds=settings.fusion_rounds,
-            num_classes=federation.num_classes if task.share_class_counts else None,
+            settings.strategy, template=model, proxy=proxy, attribution=task.attribution, seed=spec.seed,
+            num_classes=federation.num_classes if task.share_class_counts else None, **settings.strategy_options(),
         )
         strategy.sampler, strategy.round_offset = sampler, phase.first
+        if phase.restore:  # a server optimiser's moments, where the kill left them
+            strategy.load_server_state(checkpoint.get("server_state", {}))
         recorder.model = model
         result = strategy.start(
             grid=ProgressGrid(grid, progress), initial_arrays=array_record(models.exchanged_state(model)),

@@ -6,7 +6,7 @@ from these fields, and `validate` checks a run in full before Ray starts."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import data
@@ -30,6 +30,7 @@ from data.settings import (
 from strategies.neuron_fusion import CHECKS as FUSION_CHECKS
 
 MIN_FUSION_PROXY = 32
+ADAPTIVE = ("fedadam", "fedyogi")
 # Settings a resumed run may change: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = ("out", "resume", "ray_address", "ray_num_cpus", "ray_num_gpus", "client_cpus", "client_gpus")
 
@@ -54,6 +55,19 @@ class RunSettings:
     fusion_rounds: int = setting(0, "fuse in the first N rounds only, then average as FedAvg does (0: every round)",
                                  check=whole(0, "must be a whole number >= 0 (0: fuse every round)"),
                                  strategies=FUSION)
+    server_lr: float = setting(1.0, "FedAvgM's server learning rate",
+                               check=number(0, low_open=True, phrase="must be a positive number"),
+                               strategies=("fedavgm",))
+    server_momentum: float = setting(0.0, "FedAvgM's server momentum (the library's default; 0.9 is the usual choice)",
+                                     check=number(0, 1, high_open=True), strategies=("fedavgm",))
+    eta: float = setting(0.0, "server learning rate of FedAdam and FedYogi (0: the library's own default, 0.1 "
+                              "and 0.01)", check=number(0, phrase="must be >= 0"), strategies=ADAPTIVE)
+    beta_1: float = setting(0.9, "first-moment decay of FedAdam and FedYogi", check=number(0, 1, high_open=True),
+                            strategies=ADAPTIVE)
+    beta_2: float = setting(0.99, "second-moment decay of FedAdam and FedYogi", check=number(0, 1, high_open=True),
+                            strategies=ADAPTIVE)
+    tau: float = setting(1e-3, "adaptivity of FedAdam and FedYogi (added to the second moment's root)",
+                         check=number(0, low_open=True, phrase="must be a positive number"), strategies=ADAPTIVE)
     full_finetune_rounds: int = setting(0, "after the projected rounds, fold the model and fine-tune every weight "
                                            "for K more rounds", check=whole(0))
     full_finetune_lr: float = setting(0.0, "learning rate after folding (0: --lr)",
@@ -94,6 +108,10 @@ class RunSettings:
     def to_dict(self) -> dict:
         """Flat: the same names as the flags, the grid keys and the run config."""
         return to_flat(self)
+
+    def strategy_options(self) -> dict:
+        """The server's own settings, for the strategy builders (each takes what it uses)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "task"}
 
     def train_task(self, full_finetune: bool = False) -> TrainTask:
         """The clients' task: fusion's inputs only for fusion; `full_finetune` is the phase

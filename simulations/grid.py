@@ -36,6 +36,9 @@ STRATEGY_VARIANTS = {
     "fusion": {"strategy": "fusion"},
     "fusion-uniform": {"strategy": "fusion", "attribution": "uniform"},
     "fusion-then-fedavg": {"strategy": "fusion", "fusion_rounds": 1},  # fusion's head start, then FedAvg
+    "fedavgm": {"strategy": "fedavgm", "server_momentum": 0.9},  # the usual choice (Hsu et al., arXiv 1909.06335)
+    "fedadam": {"strategy": "fedadam"},
+    "fedyogi": {"strategy": "fedyogi"},
 }
 _GRID_KEYS = {"strategies", "seeds", "local_epochs", "target_accuracy", "base", "partitions", "models"}
 _PER_RUN_KEYS = {"strategy", "seed", "local_epochs", "out"}  # set by the grid itself

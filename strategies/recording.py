@@ -140,6 +140,14 @@ class RecordedRounds:
         """Aggregate validated replies, in partition order: the Flower strategy's own rule."""
         return super().aggregate_train(server_round, valid)
 
+    def server_state(self) -> dict:
+        """What the strategy carries from round to round (a server optimiser's moments),
+        saved with the checkpoint; none for FedAvg."""
+        return {}
+
+    def load_server_state(self, state: dict) -> None:
+        """Continue from a checkpoint's `server_state()`."""
+
 
 def uplink_bytes(content) -> int:
     """What a reply carries for the strategy: the model and, for fusion, the attributions

@@ -8,6 +8,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from strategies.recording import RecordedRounds, RoundRecord, mean_train_loss
 from strategies.sampling import PartitionSampler
+from strategies.server_optimizers import RecordedFedAdam, RecordedFedAvgM, RecordedFedYogi
 
 
 class RecordedFedAvg(RecordedRounds, FedAvg):
@@ -35,9 +36,18 @@ def _neuron_fusion(template, proxy, attribution="gradxact", num_classes=None, se
                         check_samples=check_samples, fusion_rounds=fusion_rounds, **_flower_kwargs())
 
 
+def _adaptive(cls, eta=0.0, beta_1=0.9, beta_2=0.99, tau=1e-3, **_) -> RecordedRounds:
+    """FedAdam or FedYogi; eta 0 keeps the library's own default (0.1 and 0.01)."""
+    return cls(beta_1=beta_1, beta_2=beta_2, tau=tau, **({"eta": eta} if eta else {}), **_flower_kwargs())
+
+
 _REGISTRY: dict[str, Callable[..., RecordedRounds]] = {
-    "fedavg": lambda proximal_mu=0.0, **_: RecordedFedAvg(**_flower_kwargs()),
+    "fedavg": lambda **_: RecordedFedAvg(**_flower_kwargs()),
     "fedprox": lambda proximal_mu=0.01, **_: RecordedFedProx(proximal_mu=proximal_mu, **_flower_kwargs()),
+    "fedavgm": lambda server_lr=1.0, server_momentum=0.0, **_: RecordedFedAvgM(
+        server_learning_rate=server_lr, server_momentum=server_momentum, **_flower_kwargs()),
+    "fedadam": lambda **options: _adaptive(RecordedFedAdam, **options),
+    "fedyogi": lambda **options: _adaptive(RecordedFedYogi, **options),
     "fusion": _neuron_fusion,
 }
 
