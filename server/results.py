@@ -149,6 +149,7 @@ def summarise(settings, strategy: str, history: list[dict], client_lines: list[d
         "mean_round_s": _mean([r["round_s"] for r in rounds]) or 0.0,
         "mean_aggregate_s": _mean([r["aggregate_s"] for r in rounds]) or 0.0,
         "mean_fusion_s": _mean([r["fusion_s"] for r in rounds if "fusion_s" in r]),
+        "mean_distill_s": _mean([r["distill_s"] for r in rounds if "distill_s" in r]),
         "mean_clients_used": _mean([r.get("clients_used", r["clients_ok"]) for r in rounds if "clients_ok" in r]),
         "mean_attribution_s": _mean([c["attribution_s"] for c in client_lines if "attribution_s" in c]),
         # Fusion's figures: per level, the mean over rounds of its fit loss before and after

@@ -229,9 +229,9 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
     model = task.build_model(federation.num_classes)
     test_loader = BatchLoader(federation.data.test_images, federation.data.test_labels,
                               task.input_spec(federation.data), batch_size=250)
-    # The server's unlabeled proxy set, as model inputs (fusion fits the fused model on it).
+    # The server's unlabeled proxy set, as model inputs (fusion and FedDF merge on it).
     proxy = torch.cat(list(BatchLoader(federation.proxy_images(), None, task.input_spec(federation.data), 256))) \
-        if settings.strategy == "fusion" else None
+        if settings.strategy in strategies.PROXY_STRATEGIES else None
     sampler = strategies.PartitionSampler(node_to_partition, settings.fraction, settings.min_clients, spec.seed)
     recorder = RoundRecorder(settings, out, federation, test_loader, progress,
                              list(checkpoint["history"]) if checkpoint else [])

@@ -27,10 +27,12 @@ from data.settings import (
     to_flat,
     whole,
 )
-from strategies.neuron_fusion import CHECKS as FUSION_CHECKS
+from strategies.checked_merge import CHECKS as FUSION_CHECKS
+from strategies.registry import PROXY_STRATEGIES
 
 MIN_FUSION_PROXY = 32
 ADAPTIVE = ("fedadam", "fedyogi")
+FEDDF = ("feddf",)
 # Settings a resumed run may change: where and how it runs, not what it computes.
 RESUMABLE_CHANGES = ("out", "resume", "ray_address", "ray_num_cpus", "ray_num_gpus", "client_cpus", "client_gpus")
 
@@ -68,6 +70,16 @@ class RunSettings:
                             strategies=ADAPTIVE)
     tau: float = setting(1e-3, "adaptivity of FedAdam and FedYogi (added to the second moment's root)",
                          check=number(0, low_open=True, phrase="must be a positive number"), strategies=ADAPTIVE)
+    distill_steps: int = setting(10_000, "FedDF: at most this many distillation steps per round (Adam, batch 128, "
+                                         "best of every 100 on held-out proxy samples, patience 1000)",
+                                 check=whole(1), strategies=FEDDF)
+    distill_lr: float = setting(1e-3, "FedDF: the distillation's Adam learning rate",
+                                check=number(0, low_open=True, phrase="must be a positive number"), strategies=FEDDF)
+    distill_temperature: float = setting(1.0, "FedDF: temperature of the KL to the clients' averaged logits",
+                                         check=number(0, low_open=True, phrase="must be a positive number"),
+                                         strategies=FEDDF)
+    distill_check: str = setting("off", "FedDF: the check against the average, as --fusion-check (off: the paper's "
+                                        "recipe)", choices=FUSION_CHECKS, strategies=FEDDF)
     full_finetune_rounds: int = setting(0, "after the projected rounds, fold the model and fine-tune every weight "
                                            "for K more rounds", check=whole(0))
     full_finetune_lr: float = setting(0.0, "learning rate after folding (0: --lr)",
@@ -150,10 +162,10 @@ class RunSettings:
             spec.partition, len(dataset.train_labels) - spec.proxy_size, dataset.num_classes,
             spec.clients, spec.alpha, spec.classes_per_client,
         )
+        if self.strategy in PROXY_STRATEGIES and spec.proxy_size < MIN_FUSION_PROXY:
+            raise SettingsError(f"--strategy {self.strategy} merges the clients' models on the server's proxy set: "
+                                f"--proxy-size must be at least {MIN_FUSION_PROXY}, got {spec.proxy_size}")
         if self.strategy == "fusion":
-            if spec.proxy_size < MIN_FUSION_PROXY:
-                raise SettingsError(f"--strategy fusion fits the fused model on the server's proxy set: "
-                                    f"--proxy-size must be at least {MIN_FUSION_PROXY}, got {spec.proxy_size}")
             try:
                 models.levels(self.train_task().build_model(dataset.num_classes))
             except ValueError as err:

@@ -39,6 +39,8 @@ STRATEGY_VARIANTS = {
     "fedavgm": {"strategy": "fedavgm", "server_momentum": 0.9},  # the usual choice (Hsu et al., arXiv 1909.06335)
     "fedadam": {"strategy": "fedadam"},
     "fedyogi": {"strategy": "fedyogi"},
+    "feddf": {"strategy": "feddf"},  # the paper's recipe, no check against the average
+    "feddf-checked": {"strategy": "feddf", "distill_check": "clients"},  # fusion's check, like for like
 }
 _GRID_KEYS = {"strategies", "seeds", "local_epochs", "target_accuracy", "base", "partitions", "models"}
 _PER_RUN_KEYS = {"strategy", "seed", "local_epochs", "out"}  # set by the grid itself

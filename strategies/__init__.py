@@ -4,7 +4,7 @@ for, so `import strategies.fusion` works without a federation."""
 
 from __future__ import annotations
 
-_REGISTRY_NAMES = {"PartitionSampler", "RecordedFedAvg", "RecordedFedProx", "RoundRecord", "build", "names"}
+_REGISTRY_NAMES = {"PROXY_STRATEGIES", "PartitionSampler", "RecordedFedAvg", "RecordedFedProx", "RoundRecord", "build", "names"}
 
 
 def __getattr__(name: str):

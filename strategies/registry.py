@@ -36,6 +36,14 @@ def _neuron_fusion(template, proxy, attribution="gradxact", num_classes=None, se
                         check_samples=check_samples, fusion_rounds=fusion_rounds, **_flower_kwargs())
 
 
+def _feddf(template, proxy, seed=0, distill_check="off", check_samples=500, distill_steps=10_000, distill_lr=1e-3,
+           distill_temperature=1.0, **_) -> RecordedRounds:
+    from strategies.feddf import FedDF
+
+    return FedDF(template, proxy, seed, check=distill_check, check_samples=check_samples, steps=distill_steps,
+                 lr=distill_lr, temperature=distill_temperature, **_flower_kwargs())
+
+
 def _adaptive(cls, eta=0.0, beta_1=0.9, beta_2=0.99, tau=1e-3, **_) -> RecordedRounds:
     """FedAdam or FedYogi; eta 0 keeps the library's own default (0.1 and 0.01)."""
     return cls(beta_1=beta_1, beta_2=beta_2, tau=tau, **({"eta": eta} if eta else {}), **_flower_kwargs())
@@ -49,7 +57,10 @@ _REGISTRY: dict[str, Callable[..., RecordedRounds]] = {
     "fedadam": lambda **options: _adaptive(RecordedFedAdam, **options),
     "fedyogi": lambda **options: _adaptive(RecordedFedYogi, **options),
     "fusion": _neuron_fusion,
+    "feddf": _feddf,
 }
+# Strategies that merge the clients' models on the server's unlabeled proxy set.
+PROXY_STRATEGIES = ("fusion", "feddf")
 
 
 def names() -> list[str]:
@@ -62,4 +73,4 @@ def build(name: str, **options) -> RecordedRounds:
     return _REGISTRY[name](**options)
 
 
-__all__ = ["PartitionSampler", "RecordedFedAvg", "RecordedFedProx", "RoundRecord", "build", "names"]
+__all__ = ["PROXY_STRATEGIES", "PartitionSampler", "RecordedFedAvg", "RecordedFedProx", "RoundRecord", "build", "names"]
