@@ -17,7 +17,7 @@ BAD_INPUTS = [
     (["--alpha", "-1"], "--alpha must be > 0"),
     (["--dataset", "imagenet"], "--dataset must be one of cifar10, digits, fashion-mnist"),
     (["--model", "resnet-9000"], "unknown model 'resnet-9000'"),
-    (["--strategy", "fedsgd"], "--strategy must be one of fedavg, fedprox, fusion, got 'fedsgd'"),
+    (["--strategy", "fedsgd"], "--strategy must be one of fedadam, fedavg, fedavgm, feddf, fedprox, fedyogi, fusion, got 'fedsgd'"),
     (["--dataset", "digits", "--clients", "5000"], "more than the 438 training samples"),
     (["--dataset", "digits", "--partition", "pathological", "--classes-per-client", "11"],
      "--classes-per-client 11 is more than the dataset's 10 classes"),
@@ -38,6 +38,15 @@ BAD_INPUTS = [
     (["--client-failure-rate", "1.0"], "--client-failure-rate must be in [0, 1)"),
     (["--poison-clients", "11"], "--poison-clients must be a whole number from 0 to --clients"),
     (["--poison-clients", "1", "--poison", "flip"], "--poison must be one of nan, inf, scale, shape"),
+    (["--strategy", "fedavgm", "--server-momentum", "-0.5"], "--server-momentum must be in [0, 1), got -0.5"),
+    (["--strategy", "fedavgm", "--server-lr", "0"], "--server-lr must be a positive number, got 0.0"),
+    (["--strategy", "fedadam", "--tau", "0"], "--tau must be a positive number, got 0.0"),
+    (["--strategy", "fedyogi", "--beta-2", "1"], "--beta-2 must be in [0, 1), got 1.0"),
+    (["--strategy", "feddf", "--distill-steps", "0"], "--distill-steps must be a positive whole number"),
+    (["--strategy", "feddf", "--distill-lr", "-1"], "--distill-lr must be a positive number"),
+    (["--strategy", "feddf", "--distill-check", "maybe"], "--distill-check must be one of clients, proxy, off"),
+    (["--strategy", "feddf", "--proxy-size", "8"], "--strategy feddf merges the clients' models on the server's "
+                                                   "proxy set: --proxy-size must be at least 32"),
 ]
 
 

@@ -83,13 +83,41 @@ def test_faulty_clients_never_reach_the_global_model(clean_run, tmp_path):
     assert faulty["final_accuracy"] > faulty["initial_accuracy"] + 0.3
 
 
-def test_a_run_killed_mid_round_resumes_to_the_same_result(clean_run, tmp_path):
+# Strategies with state across rounds (server momentum, Adam's moments) or a server-side
+# merge must resume exactly too; FedDF distills for at most 200 steps here.
+RIVALS = {"fedavgm": {"server_momentum": 0.9}, "fedadam": {}, "fedyogi": {}, "feddf": {"distill_steps": 200}}
+SLOW_RIVALS = ("fedadam", "fedyogi")
+
+
+def _rival(name: str):
+    return pytest.param(name, marks=pytest.mark.slow) if name in SLOW_RIVALS else name
+
+
+@pytest.mark.parametrize("strategy", [_rival(name) for name in RIVALS])
+def test_a_rival_strategy_never_takes_a_poisoned_update(tmp_path, strategy):
+    out = tmp_path / strategy
+    summary = simulate(_settings(out, strategy=strategy, poison_clients=1, poison="nan", **RIVALS[strategy]),
+                       show_progress=False)
+    lines = read_jsonl(out / "clients.jsonl")
+    poisoned = [c for c in lines if c.get("injected") == "poison:nan"]
+    assert len(poisoned) == 3 and all(c["status"] == "rejected" for c in poisoned)
+    state = torch.load(out / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.3
+
+
+def test_fedavgm_without_momentum_at_server_lr_1_is_fedavg(clean_run, tmp_path):
     summary, _ = clean_run
-    out = tmp_path / "killed"
+    fedavgm = simulate(_settings(tmp_path / "m0", strategy="fedavgm", server_momentum=0.0, server_lr=1.0),
+                       show_progress=False)
+    assert fedavgm["accuracy_curve"] == summary["accuracy_curve"]
+
+
+def _killed_in_round_2(out, *flags) -> None:
     args = [sys.executable, "-m", "simulations.cli", "run", "--dataset", "mnist-5k", "--partition", "dirichlet",
             "--alpha", "0.5", "--clients", "4", "--proxy-size", "100", "--seed", "3", "--rounds", "3",
             "--local-epochs", "1", "--lr", "0.05", "--batch-size", "32", "--ray-num-cpus", "2", "--quiet",
-            "--out", str(out)]
+            "--out", str(out), *flags]
     process = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     # Killed as soon as round 1's checkpoint lands, i.e. inside round 2: on an idle machine
@@ -102,10 +130,27 @@ def test_a_run_killed_mid_round_resumes_to_the_same_result(clean_run, tmp_path):
     done_before = len(read_jsonl(out / "metrics.jsonl"))
     assert 1 <= done_before < 3
 
+
+def test_a_run_killed_mid_round_resumes_to_the_same_result(clean_run, tmp_path):
+    summary, _ = clean_run
+    out = tmp_path / "killed"
+    _killed_in_round_2(out)
     resumed = simulate(_settings(out, resume=True), show_progress=False)
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["round"] for m in metrics] == [1, 2, 3]  # each round once
     assert resumed["accuracy_curve"] == summary["accuracy_curve"]
+
+
+@pytest.mark.parametrize("strategy", [_rival(name) for name in RIVALS])
+def test_a_rival_strategy_killed_mid_round_resumes_to_the_same_result(tmp_path, strategy):
+    options = RIVALS[strategy]
+    uninterrupted = simulate(_settings(tmp_path / "whole", strategy=strategy, **options), show_progress=False)
+    out = tmp_path / "killed"
+    _killed_in_round_2(out, "--strategy", strategy,
+                       *[str(x) for key, value in options.items() for x in (f"--{key.replace('_', '-')}", value)])
+    resumed = simulate(_settings(out, strategy=strategy, resume=True, **options), show_progress=False)
+    assert [m["round"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert resumed["accuracy_curve"] == uninterrupted["accuracy_curve"]
 
 
 def test_resume_plans_only_the_rounds_left_and_restores_the_checkpoint_where_it_was_cut():

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+import strategies
 from clients.task import TrainTask
 from data.settings import declared, flag
 from server.server_app import settings_from_run_config
 from server.settings import RunSettings, SettingsError, flwr_run_config
 from simulations.cli import build_parser, main
-from simulations.grid import load_grid
+from simulations.grid import STRATEGY_VARIANTS, load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [name for name, _, _ in declared(RunSettings)]
@@ -84,7 +85,7 @@ BAD = [
     ("alpha", 0.0, "--alpha must be > 0 (smaller is more skewed), got 0.0"),
     ("rounds", 0, "--rounds must be a positive whole number, got 0"),
     ("fraction", 1.5, "--fraction must be in (0, 1], got 1.5"),
-    ("strategy", "fedsgd", "--strategy must be one of fedavg, fedprox, fusion, got 'fedsgd'"),
+    ("strategy", "fedsgd", f"--strategy must be one of {', '.join(strategies.names())}, got 'fedsgd'"),
     ("attribution", "saliency", "--attribution must be one of uniform, gradxact, conductance, got 'saliency'"),
     ("client_failure_rate", 1.0, "--client-failure-rate must be in [0, 1), got 1.0"),
 ]
@@ -106,8 +107,7 @@ def test_the_three_doors_refuse_a_bad_value_with_the_same_line(tmp_path, capsys,
     with pytest.raises(SettingsError) as grid_error:
         load_grid(grid_file, tmp_path / "grid")
     assert str(grid_error.value).endswith(message if name != "strategy" else
-                                          "unknown strategy 'fedsgd': choose from fedavg, fedprox, fusion, "
-                                          "fusion-uniform, fusion-then-fedavg")
+                                          f"unknown strategy 'fedsgd': choose from {', '.join(STRATEGY_VARIANTS)}")
     # flwr run . --run-config
     with pytest.raises(SettingsError) as flwr_error:
         settings_from_run_config({**_pyproject_run_config(), "dataset": "digits", key: value})
