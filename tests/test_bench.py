@@ -41,14 +41,16 @@ def test_bad_grid_files_are_refused_before_any_run(tmp_path, text, message):
 def test_grid_expands_strategies_splits_epochs_models_and_seeds(tmp_path):
     grid = load_grid(Path(__file__).parent.parent / "simulations" / "configs" / "fmnist-noniid.toml", tmp_path)
     federated = [r for r in grid.runs if r.strategy != "centralised"]
-    assert len(federated) == 4 * 3 * 2 * 2 * 3 and len(grid.runs) - len(federated) == 2 * 2 * 3
+    assert len(federated) == 6 * 3 * 2 * 2 * 3 and len(grid.runs) - len(federated) == 2 * 2 * 3
+    fedavgm = [r for r in federated if r.strategy == "fedavgm"]
+    assert fedavgm and all(r.settings.server_momentum == 0.9 for r in fedavgm)
     uniform = [r for r in federated if r.strategy == "fusion-uniform"]
     assert all(r.settings.strategy == "fusion" and r.settings.train_task().attribution == "uniform" for r in uniform)
     effnet = [r.settings.train_task() for r in grid.runs if r.settings.train_task().model == "efficientnet-lite0"]
     assert effnet and all(task.projection and task.resolution == 32 for task in effnet)
     # Same seed, same split: every strategy runs on the same partition.
     same = [r.settings.federation for r in federated if r.setting == "simple-cnn-e1-dir0.1" and r.seed == 1]
-    assert len(same) == 4 and len(set(same)) == 1
+    assert len(same) == 6 and len(set(same)) == 1
 
 
 def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
@@ -70,8 +72,9 @@ def test_only_runs_the_matching_slice_of_the_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_run_one", lambda run: calls.append(run.run_id))
     headline = str(SMOKE.parent / "fmnist-noniid.toml")
     counts = bench.run_grid(headline, str(tmp_path), quiet=True, only=["simple-cnn-e1-dir0.1-*-s0"])
-    assert counts == {"done": 4, "kept": 0, "failed": 0}
-    assert sorted(calls) == [f"simple-cnn-e1-dir0.1-{s}-s0" for s in ("fedavg", "fedprox", "fusion", "fusion-uniform")]
+    strategies = ("fedavg", "fedavgm", "feddf", "fedprox", "fusion", "fusion-uniform")
+    assert counts == {"done": len(strategies), "kept": 0, "failed": 0}
+    assert sorted(calls) == [f"simple-cnn-e1-dir0.1-{s}-s0" for s in strategies]
     with pytest.raises(ValueError, match="matches no run"):
         bench.run_grid(headline, str(tmp_path / "other"), quiet=True, only=["resnet-*"])
     assert not (tmp_path / "other").exists()
