@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -221,6 +222,10 @@ def run_federation(grid: Grid, settings: RunSettings, progress: RunProgress) -> 
     With --full-finetune-rounds K, the projected global model is folded after the
     projected rounds and K more rounds train every weight, with the same strategy."""
     started = time.perf_counter()
+    # Server-side merges (fusion, FedDF) sum in an order that depends on torch's thread
+    # count: use this machine's default, whatever the process set before, so that a run
+    # resumed in another process follows the same curve.
+    torch.set_num_threads(os.cpu_count() or 1)
     spec = settings.federation
     federation = build_federation(spec)
     node_to_partition = map_nodes_to_partitions(grid, spec.clients)
