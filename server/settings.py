@@ -43,7 +43,8 @@ class RunSettings:
     strategy, rounds, placement and run directory."""
 
     task: TrainTask = nested(TrainTask)
-    strategy: str = setting("fedavg", "aggregation: fedavg, fedprox or fusion (neuron-centric fusion)",
+    strategy: str = setting("fedavg", "aggregation: Flower's fedavg, fedprox, fedavgm, fedadam, fedyogi; feddf "
+                                      "(ensemble distillation) or fusion (neuron-centric fusion)",
                             choices=lambda: strategies.names())
     rounds: int = setting(10, "federated rounds", check=whole(1))
     fraction: float = setting(1.0, "share of clients sampled per round", check=number(0, 1, low_open=True))
