@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 import models
+from strategies.fusion import average_models
 from strategies.messages import array_record
 from strategies.recording import RecordedRounds, RoundRecord
 
@@ -69,6 +70,11 @@ class CheckedMerge(RecordedRounds, FedAvg):
         # The check after the merge asks the same clients again, with the same task.
         self._grid, self._task_config = grid, dict(config)
         return super().configure_train(server_round, arrays, config, grid)
+
+    def clients_and_average(self, contents: list) -> tuple[list[nn.Module], nn.Module]:
+        """The valid replies' models, in partition order, and their example-weighted average."""
+        client_models = [models.with_state(self.template, content["arrays"]) for content in contents]
+        return client_models, average_models(client_models, [c["metrics"]["num-examples"] for c in contents])
 
     def _proxy_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Check "proxy": a fixed, seeded fifth of the proxy set is kept out of the merge."""

@@ -17,7 +17,6 @@ from torch import nn
 import models
 from strategies import distillation
 from strategies.checked_merge import CheckedMerge, split_proxy
-from strategies.fusion import average_models
 from strategies.messages import array_record
 from strategies.recording import RoundRecord
 
@@ -44,8 +43,7 @@ class FedDF(CheckedMerge):
             log(WARNING, "round %d: FedDF needs two valid updates, got one: it becomes the global model", server_round)
             record.extra.update(distill_s=0.0, selected="average")
             return contents[0]["arrays"], metrics
-        client_models = [models.with_state(self.template, content["arrays"]) for content in contents]
-        averaged = average_models(client_models, [c["metrics"]["num-examples"] for c in contents])
+        client_models, averaged = self.clients_and_average(contents)
         x_fit, x_held = split_proxy(self.proxy, self.seed)
         distilled, report = distillation.distill(
             averaged, x_fit, distillation.ensemble_logits(client_models, x_fit), x_held,

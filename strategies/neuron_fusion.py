@@ -17,7 +17,7 @@ from torch import nn
 
 import models
 from strategies.checked_merge import CheckedMerge
-from strategies.fusion import average_models, fuse
+from strategies.fusion import fuse
 from strategies.messages import array_record
 from strategies.recording import RoundRecord
 from strategies.validation import reply_problem
@@ -30,17 +30,9 @@ class NeuronFusion(CheckedMerge):
     weighted average of the same updates, and send the better one out next round (the
     round's record says which).
 
-    `check`: "clients" sends both candidates to the clients that sent the updates; each
-    reports their accuracy on `check_samples` of its own examples and their loss at a few
-    logit temperatures (one extra message per client: two models down, 26 numbers up;
-    labels stay with the clients). The more accurate candidate over the clients' shards
-    (each weighed by its size) goes out, the lower loss breaking ties; a fused model goes
-    out divided by the temperature that fits the clients' data best. "proxy" keeps a
-    fifth of the proxy set out of the fit and prefers the candidate that agrees better
-    with the clients' output ensemble there: no extra messages, but the ensemble is its
-    reference, and once the clients' ensemble falls below their average (small drift,
-    from round 2 or 3 on) it keeps choosing the fused model. "off" always sends the fused
-    model.
+    `check`: "clients", "proxy" or "off", as strategies.checked_merge describes; note
+    that "proxy" judges by the clients' ensemble, and once that ensemble falls below their
+    average (small drift, from round 2 or 3 on) it keeps choosing the fused model.
 
     `attribution`: "uniform" (clients send no scores: plain neuron-centric fusion, the
     ablation) or the captum method the clients use. `num_classes`: when set, clients
@@ -85,8 +77,7 @@ class NeuronFusion(CheckedMerge):
             log(WARNING, "round %d: fusion needs two valid updates, got one: it becomes the global model", server_round)
             record.extra["fusion_s"] = 0.0
             return contents[0]["arrays"], metrics
-        client_models = [models.with_state(self.template, content["arrays"]) for content in contents]
-        averaged = average_models(client_models, [c["metrics"]["num-examples"] for c in contents])
+        client_models, averaged = self.clients_and_average(contents)
         if not self.fuses(server_round):
             # Past its fusion rounds the server is FedAvg.
             record.extra.update(fusion_s=0.0, selected="average")

@@ -28,10 +28,12 @@ class ServerOptimizer(RecordedRounds):
 
     def aggregate_valid(self, server_round: int, valid, record):
         stepped, metrics = super().aggregate_valid(server_round, valid, record)
-        average, _ = FedAvg.aggregate_train(self, server_round, valid)
+        statistics = [name for name in stepped.keys() if name.endswith(NORM_STATISTICS)]
+        # The plain average, for norm statistics only (a model without norms needs none).
+        average = FedAvg.aggregate_train(self, server_round, valid)[0] if statistics else {}
         # Back to the dtypes the clients train in (the optimisers compute in float64).
-        arrays = {name: (average if name.endswith(NORM_STATISTICS) else stepped)[name].numpy()
-                  .astype(self._global[name].dtype) for name in stepped.keys()}
+        arrays = {name: (average if name in statistics else stepped)[name].numpy().astype(self._global[name].dtype)
+                  for name in stepped.keys()}
         result = array_record(arrays)
         if isinstance(getattr(self, "current_arrays", None), ArrayRecord):  # FedAvgM steps from its own copy
             self.current_arrays = result
