@@ -16,7 +16,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 DEMO_ARGS := --dataset fashion-mnist --partition dirichlet --alpha 0.5 --clients 10 \
              --rounds 5 --local-epochs 1 --model simple-cnn --no-projection --seed 0 --quiet
 
-.PHONY: setup demo test test-slow bench bench-plan bench-one-shot bench-fusion-then-fedavg bench-fusion-target bench-smoke bench-micro bench-overhead bench-projection bench-fusion clean
+.PHONY: setup demo test test-slow bench bench-plan bench-one-shot bench-few-round bench-fusion-then-fedavg bench-fusion-target bench-smoke bench-micro bench-overhead bench-projection bench-fusion clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -56,9 +56,15 @@ bench-plan: setup
 	$(BIN)/fedfuse bench simulations/configs/fmnist-noniid.toml --out results/fmnist-noniid --only '$(BENCH_ONLY)' --plan
 
 # One-shot federated learning (one round of 20 local epochs, the small CNN, the same
-# splits): about 10 minutes per seed here. Records in results/one-shot.
+# splits; FedAvg, FedDF and fusion): about 20 minutes per seed here. Records in results/one-shot.
 bench-one-shot: setup
 	$(BIN)/fedfuse bench simulations/configs/one-shot.toml --out results/one-shot --only '$(BENCH_ONLY)'
+
+# Few-round federated learning (3 rounds of 20 local epochs, the small CNN, the same splits;
+# FedAvg, FedProx, FedAvgM, FedDF and fusion): about 5 hours here (`--plan` once some
+# runs are in). Records in results/few-round.
+bench-few-round: setup
+	$(BIN)/fedfuse bench simulations/configs/few-round.toml --out results/few-round --only '$(BENCH_ONLY)'
 
 # Ablation: fusion in round 1 only, then FedAvg, on the headline's small-CNN runs
 # (about 40 minutes here). Records in results/fusion-then-fedavg.

@@ -58,6 +58,10 @@ class RunSettings:
     fusion_rounds: int = setting(0, "fuse in the first N rounds only, then average as FedAvg does (0: every round)",
                                  check=whole(0, "must be a whole number >= 0 (0: fuse every round)"),
                                  strategies=FUSION)
+    fusion_refine_steps: int = setting(0, "after the level-by-level fit, train the whole fused model to its target "
+                                          "on the proxy for at most this many steps (0: no refinement; e.g. 2000)",
+                                       check=whole(0, "must be a whole number >= 0 (0: no refinement)"),
+                                       strategies=FUSION)
     server_lr: float = setting(1.0, "FedAvgM's server learning rate",
                                check=number(0, low_open=True, phrase="must be a positive number"),
                                strategies=("fedavgm",))

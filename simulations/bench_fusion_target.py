@@ -5,10 +5,10 @@ run`, in one process without Flower or Ray). After every round's client training
 test accuracy of: FedAvg's weighted average of the clients' models; their output
 ensemble (mean softmax, the reports' reference); and the class-weighted mean of their
 logits, which is the target fusion fits its head to (`head_targets`); and the fused
-model itself (the server's fusion of the same updates, before its check), with the
-share of test images on which its prediction is the target's. Fusion reproduces that
-target closely, so it can only beat averaging in rounds where the target beats the
-average."""
+model itself (the server's fusion of the same updates, before its check), before and
+after its end-to-end refinement, with the share of test images on which its prediction
+is the target's. Fusion reproduces that target closely, so it can only beat averaging in
+rounds where the target beats the average."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from server.settings import RunSettings
 from simulations.inprocess import fedavg_rounds
 from simulations.tables import make_console, print_tables
 from strategies.fusion import fuse, head_targets
+from strategies.fusion.engine import refine
 
 HELP = "per FedAvg round: the average against the class-weighted ensemble fusion fits"
 
@@ -44,20 +45,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--test-size", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refine-steps", type=int, default=2000,
+                        help="at most this many steps of the fused model's end-to-end refinement (0: none)")
     parser.add_argument("--out", default="runs/bench-fusion-target")
 
 
 @torch.no_grad()
-def round_figures(client_models: list, average, counts: torch.Tensor, fused, test) -> dict:
+def round_figures(client_models: list, average, counts: torch.Tensor, fused, refined, test) -> dict:
     """Test accuracy of the clients' `average`, their output ensemble, fusion's head
-    target (class `counts`: models x classes) and the fused model, and how often the
-    fused model predicts what the target does."""
-    hits = {"average": 0, "ensemble": 0, "fusion_target": 0, "fused": 0, "fused_agrees": 0}
+    target (class `counts`: models x classes), the fused model before and after its
+    refinement, and how often the refined model predicts what the target does."""
+    hits = {"average": 0, "ensemble": 0, "fusion_target": 0, "fitted": 0, "fused": 0, "fused_agrees": 0}
     seen = 0
     for inputs, labels in test:
         logits = [m.eval()(inputs) for m in client_models]
         predicted = {"average": average.eval()(inputs), "ensemble": sum(x.softmax(1) for x in logits),
-                     "fusion_target": head_targets(logits, counts), "fused": fused.eval()(inputs)}
+                     "fusion_target": head_targets(logits, counts), "fitted": fused.eval()(inputs),
+                     "fused": refined.eval()(inputs)}
         predicted = {name: out.argmax(1) for name, out in predicted.items()}
         for name, classes in predicted.items():
             hits[name] += (classes == labels).sum().item()
@@ -66,23 +70,30 @@ def round_figures(client_models: list, average, counts: torch.Tensor, fused, tes
     return {name: count / seen for name, count in hits.items()}
 
 
-def run(task: TrainTask, rounds: int, test_size: int) -> list[dict]:
+def run(task: TrainTask, rounds: int, test_size: int, refine_steps: int) -> list[dict]:
     federation = data.build_federation(task.federation)
     template = task.build_model(federation.num_classes)
     spec = task.input_spec(federation.data)
     test = data.BatchLoader(federation.data.test_images[:test_size], federation.data.test_labels[:test_size], spec, 500)
-    proxy = data.BatchLoader(federation.proxy_images(), None, spec, 256)
+    proxy = torch.cat(list(data.BatchLoader(federation.proxy_images(), None, spec, 256)))
     rows = []
     for fedavg_round in fedavg_rounds(task, models.exchanged_state(template), rounds):
         updates = fedavg_round.updates
         client_models = [models.with_state(template, u.state) for u in updates]
         counts = torch.tensor([u.class_counts for u in updates], dtype=torch.float64)
         # As the server's fusion round does: every client started from one model, no restarts.
-        fused, _ = fuse(client_models, proxy, [[torch.from_numpy(u.attributions[level.name]) for level in
-                                                 models.levels(template)] for u in updates],
-                        class_weights=counts, restarts=False, seed=task.federation.seed + fedavg_round.number)
+        seed = task.federation.seed + fedavg_round.number
+        fused, _ = fuse(client_models, [proxy], [[torch.from_numpy(u.attributions[level.name]) for level in
+                                                   models.levels(template)] for u in updates],
+                        class_weights=counts, restarts=False, seed=seed)
+        refined = fused  # as fuse(..., refine_steps) does, kept apart to score both
+        if refine_steps:
+            with torch.no_grad():
+                target = head_targets([m.eval()(proxy) for m in client_models], counts)
+            refined, _ = refine(fused, proxy, target, refine_steps, seed)
         average = models.with_state(template, fedavg_round.state)
-        rows.append({"round": fedavg_round.number, **round_figures(client_models, average, counts, fused, test)})
+        rows.append({"round": fedavg_round.number,
+                     **round_figures(client_models, average, counts, fused, refined, test)})
     return rows
 
 
@@ -95,18 +106,18 @@ def main(args) -> int:
     settings.validate()  # bad input fails here, before any training
     torch.set_num_threads(max(1, args.threads))
     task = replace(settings.train_task(), attribution="gradxact", share_class_counts=True)  # fusion's inputs
-    rows = run(task, args.rounds, args.test_size)
+    rows = run(task, args.rounds, args.test_size, args.refine_steps)
     split = f"Dirichlet {args.alpha}" if args.partition == "dirichlet" else (
         f"#C={args.classes_per_client}" if args.partition == "pathological" else args.partition)
     table = Table(title=f"fusion's target against FedAvg's average, test accuracy: {args.model}, {args.dataset}, "
                         f"{split}, {args.clients} clients, {args.local_epochs} local epoch(s), seed {args.seed}")
     for column in ("round", "average (FedAvg)", "ensemble (mean softmax)", "fusion's target", "target - average",
-                   "fused model", "fused agrees with target"):
+                   "fused, fitted", "fused, refined", "refined agrees with target"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(str(row["round"]), f"{row['average']:.4f}", f"{row['ensemble']:.4f}",
                       f"{row['fusion_target']:.4f}", f"{100 * (row['fusion_target'] - row['average']):+.1f}",
-                      f"{row['fused']:.4f}", f"{row['fused_agrees']:.1%}")
+                      f"{row['fitted']:.4f}", f"{row['fused']:.4f}", f"{row['fused_agrees']:.1%}")
     print_tables(table, console=make_console())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ STRATEGY_VARIANTS = {
     "fusion": {"strategy": "fusion"},
     "fusion-uniform": {"strategy": "fusion", "attribution": "uniform"},
     "fusion-then-fedavg": {"strategy": "fusion", "fusion_rounds": 1},  # fusion's head start, then FedAvg
+    "fusion-refined": {"strategy": "fusion", "fusion_refine_steps": 2000},  # fitted, then trained to its target
     "fedavgm": {"strategy": "fedavgm", "server_momentum": 0.9},  # the usual choice (Hsu et al., arXiv 1909.06335)
     "fedadam": {"strategy": "fedadam"},
     "fedyogi": {"strategy": "fedyogi"},

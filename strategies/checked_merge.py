@@ -27,12 +27,12 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 import models
+from strategies.distillation import split_proxy
 from strategies.fusion import average_models
 from strategies.messages import array_record
 from strategies.recording import RecordedRounds, RoundRecord
 
 CHECKS = ("clients", "proxy", "off")
-SELECTION_SHARE = 5  # check "proxy": one proxy sample in five is kept out of the fit
 CHECK_TIMEOUT = 3600.0
 # Temperatures the clients try on each candidate's logits: the fused model goes out
 # divided by the one with the lowest loss on their data (temperature scaling).
@@ -186,10 +186,3 @@ def _check_on_proxy(server_round: int, client_models: list[nn.Module], candidate
             "proxy samples (%.3f vs %.3f for the merged model): it becomes the global model",
             server_round, agreement["average"], agreement[merged])
     return selected, {f"agreement_{merged}": agreement[merged], "agreement_average": agreement["average"]}
-
-
-def split_proxy(proxy: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed, seeded split: four fifths to fit on, one fifth held out to judge by."""
-    order = torch.randperm(len(proxy), generator=torch.Generator().manual_seed(seed))
-    cut = len(proxy) // SELECTION_SHARE
-    return proxy[order[cut:]], proxy[order[:cut]]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 STEPS, LR, BATCH_SIZE, EVAL_EVERY, PATIENCE, TEMPERATURE = 10_000, 1e-3, 128, 100, 1_000, 1.0
+HELD_OUT_SHARE = 5  # one proxy sample in five is kept out of the fit, to judge by
 
 
 @dataclass
@@ -88,3 +89,10 @@ def distill(student: nn.Module, x_fit: torch.Tensor, teacher_fit: torch.Tensor, 
     model.load_state_dict(best_state)
     model.eval()
     return model, DistillReport(step, best_step, start[0], best[0], time.perf_counter() - started)
+
+
+def split_proxy(proxy: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed, seeded split: four fifths to fit on, one fifth held out to judge by."""
+    order = torch.randperm(len(proxy), generator=torch.Generator().manual_seed(seed))
+    cut = len(proxy) // HELD_OUT_SHARE
+    return proxy[order[cut:]], proxy[order[:cut]]

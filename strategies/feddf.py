@@ -16,7 +16,7 @@ from torch import nn
 
 import models
 from strategies import distillation
-from strategies.checked_merge import CheckedMerge, split_proxy
+from strategies.checked_merge import CheckedMerge
 from strategies.messages import array_record
 from strategies.recording import RoundRecord
 
@@ -44,7 +44,7 @@ class FedDF(CheckedMerge):
             record.extra.update(distill_s=0.0, selected="average")
             return contents[0]["arrays"], metrics
         client_models, averaged = self.clients_and_average(contents)
-        x_fit, x_held = split_proxy(self.proxy, self.seed)
+        x_fit, x_held = distillation.split_proxy(self.proxy, self.seed)
         distilled, report = distillation.distill(
             averaged, x_fit, distillation.ensemble_logits(client_models, x_fit), x_held,
             distillation.ensemble_logits(client_models, x_held), steps=self.steps, lr=self.lr,

@@ -39,18 +39,20 @@ class NeuronFusion(CheckedMerge):
     send their class histogram and the head's target weighs each model's logit of a
     class by its share of that class's samples. `fusion_rounds`: when > 0, rounds after
     the first `fusion_rounds` send FedAvg's weighted average, unfused and unchecked, and
-    ask the clients for neither attributions nor class histograms."""
+    ask the clients for neither attributions nor class histograms. `refine_steps`: the
+    engine's end-to-end refinement of the fused model (0: none)."""
 
     merged = "fusion"
 
     def __init__(self, template: nn.Module, proxy: torch.Tensor, attribution: str = "gradxact",
                  num_classes: int | None = None, seed: int = 0, check: str = "clients", check_samples: int = 500,
-                 fusion_rounds: int = 0, **flower_kwargs):
+                 fusion_rounds: int = 0, refine_steps: int = 0, **flower_kwargs):
         super().__init__(template, proxy, seed, check, check_samples, **flower_kwargs)
         self.attribution = attribution
         self.num_classes = num_classes
         self.level_widths = {level.name: level.width for level in models.levels(self.template)}
         self.fusion_rounds = fusion_rounds
+        self.refine_steps = refine_steps
         self._fusing = True  # whether this round's replies are fused (set per round)
 
     def fuses(self, server_round: int) -> bool:
@@ -91,7 +93,7 @@ class NeuronFusion(CheckedMerge):
         # Every client started from the global model: its neurons correspond, no k-means++ restarts.
         fit_part, check_part = self._proxy_split()
         fused, report = fuse(client_models, [fit_part], attributions, class_weights=class_weights,
-                             restarts=False, seed=self.seed + server_round)
+                             restarts=False, refine_steps=self.refine_steps, seed=self.seed + server_round)
         candidates = {"fusion": fused, "average": averaged}
         selected, figures = self.choose(server_round, valid, client_models, candidates, check_part, record)
         levels = report["levels"]
@@ -102,7 +104,17 @@ class NeuronFusion(CheckedMerge):
             fit_loss_after=[lv["loss_after"] for lv in levels],
             assignment_moved=float(np.mean(moved)) if moved else float("nan"),
             levels_reverted=sum("reverted" in lv["fit"] for lv in levels),
+            **_refine_figures(report["refine"]),
             selected=selected,
             **figures,
         )
         return array_record(models.exchanged_state(candidates[selected])), metrics
+
+
+def _refine_figures(refined: dict | None) -> dict:
+    """The refinement's round figures: its steps, the step kept (0: the fitted model)
+    and its held-out agreement with the target before and after."""
+    if refined is None:
+        return {}
+    return {"refine_s": refined["seconds"], "refine_steps": refined["steps"], "refine_best_step": refined["best_step"],
+            "refine_agreement_start": refined["agreement_start"], "refine_agreement_best": refined["agreement_best"]}

@@ -53,6 +53,18 @@ def test_grid_expands_strategies_splits_epochs_models_and_seeds(tmp_path):
     assert len(same) == 6 and len(set(same)) == 1
 
 
+@pytest.mark.parametrize("config", sorted((SMOKE.parent).glob("*.toml")), ids=lambda path: path.stem)
+def test_every_shipped_grid_loads_and_few_round_runs_its_rivals(tmp_path, config):
+    grid = load_grid(config, tmp_path)
+    assert grid.runs and all(r.settings.rounds >= 1 for r in grid.runs)
+    if config.stem == "few-round":
+        strategies = {r.strategy for r in grid.runs}
+        assert {"fedavg", "fedprox", "fedavgm", "feddf", "fusion", "fusion-uniform"} <= strategies
+        assert {(r.settings.rounds, r.settings.train_task().local_epochs) for r in grid.runs if r.strategy != "centralised"} == {(3, 20)}
+        refined = [r for r in grid.runs if r.strategy == "fusion-refined"]
+        assert refined and all(r.settings.fusion_refine_steps > 0 for r in refined)
+
+
 def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
     calls = []
 

@@ -10,8 +10,7 @@ import models
 from clients import training
 from server.settings import RunSettings
 from simulations.inprocess import fedavg_rounds
-from strategies.checked_merge import split_proxy
-from strategies.distillation import distill, ensemble_logits
+from strategies.distillation import distill, ensemble_logits, split_proxy
 from strategies.fusion import average_models
 
 

@@ -10,8 +10,9 @@ from torch import nn
 import data
 import models
 from clients import training
-from clients.task import input_spec
-from strategies.fusion import FusionError, fuse, neuron_attributions
+from clients.local_update import local_update
+from clients.task import TrainTask, input_spec
+from strategies.fusion import FusionError, fuse, head_targets, neuron_attributions
 from strategies.fusion.fitting import closed_form_fit
 
 
@@ -195,3 +196,29 @@ def test_fits_that_do_not_help_are_reverted():
     assert head["loss_after"] <= head["loss_before"] < 1e-12
     state = model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in fused.state_dict().items() if not k.startswith("11."))
+
+
+def test_refinement_brings_the_fused_model_closer_to_its_target():
+    # Six clients' first round at Dirichlet 0.1: the level-by-level fit agrees with its
+    # target on 92% of test images.
+    spec = data.FederationSpec(dataset="mnist-5k", clients=6, alpha=0.1, proxy_size=500, seed=0)
+    task = TrainTask(federation=spec, attribution="", share_class_counts=True, server_round=1, lr=0.05, local_epochs=3)
+    federation = data.build_federation(spec)
+    template = task.build_model(10)
+    inputs = task.input_spec(federation.data)
+    proxy = torch.cat(list(data.BatchLoader(federation.proxy_images(), None, inputs, 256)))
+    test = torch.cat(list(data.BatchLoader(federation.data.test_images, None, inputs, 500)))
+    updates = [local_update(task, p, models.exchanged_state(template)) for p in range(spec.clients)]
+    nets = [models.with_state(template, u.state).eval() for u in updates]
+    counts = torch.tensor([u.class_counts for u in updates], dtype=torch.float64)
+    fitted, report = fuse(nets, [proxy], class_weights=counts, restarts=False)
+    assert report["refine"] is None
+    refined, report = fuse(nets, [proxy], class_weights=counts, restarts=False, refine_steps=1000)
+    refine = report["refine"]
+    assert refine["best_step"] > 0 and refine["agreement_best"] > refine["agreement_start"]
+    with torch.no_grad():
+        target = head_targets([m(test) for m in nets], counts).argmax(1)
+        agreement = {name: float((m(test).argmax(1) == target).double().mean())
+                     for name, m in (("fitted", fitted), ("refined", refined))}
+    # The held-out proxy samples' gain carries to images neither saw.
+    assert agreement["refined"] > agreement["fitted"] + 0.01, agreement

@@ -291,3 +291,16 @@ def test_past_its_fusion_rounds_the_server_averages_as_fedavg_does(round_one):
     fedavg, _ = _strategy(template, proxy, name="fedavg").aggregate_train(2, unscored)
     assert all(np.allclose(averaged[k].numpy(), fedavg[k].numpy(), atol=1e-6) for k in fedavg)
     assert _accuracy(template, fused, test) > _accuracy(template, averaged, test) + 0.2
+
+
+def test_a_refined_fusion_round_records_its_refinement(round_one):
+    template, proxy, test, updates = round_one
+    strategy = _strategy(template, proxy, fusion_refine_steps=400)
+    strategy.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
+    extra = strategy.current.extra
+    assert 0 < extra["refine_steps"] <= 400 and extra["refine_s"] > 0
+    # The fitted model is the refinement's step 0: what is kept agrees at least as well.
+    assert extra["refine_agreement_best"] >= extra["refine_agreement_start"]
+    plain = _strategy(template, proxy)
+    plain.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
+    assert "refine_steps" not in plain.current.extra
