@@ -28,6 +28,7 @@ from data.settings import (
     whole,
 )
 from strategies.checked_merge import CHECKS as FUSION_CHECKS
+from strategies.checked_merge import TRAIN_FROM
 from strategies.registry import PROXY_STRATEGIES
 
 MIN_FUSION_PROXY = 32
@@ -62,6 +63,10 @@ class RunSettings:
                                           "on the proxy for at most this many steps (0: no refinement; e.g. 2000)",
                                        check=whole(0, "must be a whole number >= 0 (0: no refinement)"),
                                        strategies=FUSION)
+    fusion_train_from: str = setting("global", "what clients train from next round: the model that went out "
+                                               "(global) or FedAvg's average of the round's updates (average: "
+                                               "FedAvg's trajectory, the fused model goes out where the check "
+                                               "prefers it)", choices=TRAIN_FROM, strategies=FUSION)
     server_lr: float = setting(1.0, "FedAvgM's server learning rate",
                                check=number(0, low_open=True, phrase="must be a positive number"),
                                strategies=("fedavgm",))

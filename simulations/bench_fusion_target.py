@@ -12,6 +12,7 @@ rounds where the target beats the average."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -86,11 +87,11 @@ def run(task: TrainTask, rounds: int, test_size: int, refine_steps: int) -> list
         fused, _ = fuse(client_models, [proxy], [[torch.from_numpy(u.attributions[level.name]) for level in
                                                    models.levels(template)] for u in updates],
                         class_weights=counts, restarts=False, seed=seed)
-        refined = fused  # as fuse(..., refine_steps) does, kept apart to score both
+        refined = copy.deepcopy(fused)  # as fuse(..., refine_steps) does, kept apart to score both
         if refine_steps:
             with torch.no_grad():
                 target = head_targets([m.eval()(proxy) for m in client_models], counts)
-            refined, _ = refine(fused, proxy, target, refine_steps, seed)
+            refine(refined, proxy, target, refine_steps, seed)
         average = models.with_state(template, fedavg_round.state)
         rows.append({"round": fedavg_round.number,
                      **round_figures(client_models, average, counts, fused, refined, test)})

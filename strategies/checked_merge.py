@@ -33,6 +33,9 @@ from strategies.messages import array_record
 from strategies.recording import RecordedRounds, RoundRecord
 
 CHECKS = ("clients", "proxy", "off")
+# What the clients train from next round: the model that went out (global), or FedAvg's
+# average of the round's updates, whichever model went out (average).
+TRAIN_FROM = ("global", "average")
 CHECK_TIMEOUT = 3600.0
 # Temperatures the clients try on each candidate's logits: the fused model goes out
 # divided by the one with the lowest loss on their data (temperature scaling).
@@ -56,20 +59,40 @@ class CheckedMerge(RecordedRounds, FedAvg):
     merged = "merged"
 
     def __init__(self, template: nn.Module, proxy: torch.Tensor, seed: int = 0, check: str = "clients",
-                 check_samples: int = 500, **flower_kwargs):
+                 check_samples: int = 500, train_from: str = "global", **flower_kwargs):
         super().__init__(**flower_kwargs)
         if check not in CHECKS:
             raise ValueError(f"unknown check '{check}': choose one of {', '.join(CHECKS)}")
+        if train_from not in TRAIN_FROM:
+            raise ValueError(f"unknown train-from '{train_from}': choose one of {', '.join(TRAIN_FROM)}")
         self.template = copy.deepcopy(template).cpu().eval()
         self.proxy = proxy
         self.seed = seed
         self.check, self.check_samples = check, check_samples
+        self.train_from = train_from
         self._grid, self._task_config = None, {}
+        # train_from "average": the last merged round's average, which the clients train
+        # from next instead of the global model that went out.
+        self._train_start: dict[str, np.ndarray] | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         # The check after the merge asks the same clients again, with the same task.
         self._grid, self._task_config = grid, dict(config)
+        if self._train_start is not None:
+            arrays = array_record(self._train_start)
         return super().configure_train(server_round, arrays, config, grid)
+
+    def next_training_start(self, averaged: nn.Module | None) -> None:
+        """After a merge: with train_from "average", the clients' next round starts from
+        `averaged` (None: from the global model, when the round only averaged)."""
+        self._train_start = models.exchanged_state(averaged) if averaged is not None and \
+            self.train_from == "average" else None
+
+    def server_state(self) -> dict:
+        return {} if self._train_start is None else {"train_start": self._train_start}
+
+    def load_server_state(self, state: dict) -> None:
+        self._train_start = state.get("train_start")
 
     def clients_and_average(self, contents: list) -> tuple[list[nn.Module], nn.Module]:
         """The valid replies' models, in partition order, and their example-weighted average."""

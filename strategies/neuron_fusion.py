@@ -40,14 +40,17 @@ class NeuronFusion(CheckedMerge):
     class by its share of that class's samples. `fusion_rounds`: when > 0, rounds after
     the first `fusion_rounds` send FedAvg's weighted average, unfused and unchecked, and
     ask the clients for neither attributions nor class histograms. `refine_steps`: the
-    engine's end-to-end refinement of the fused model (0: none)."""
+    engine's end-to-end refinement of the fused model (0: none). `train_from`: "global"
+    (clients train from the model that went out) or "average" (from FedAvg's average of
+    the round's updates: the clients follow FedAvg's trajectory, and the fused model is
+    the global model in the rounds where the check prefers it)."""
 
     merged = "fusion"
 
     def __init__(self, template: nn.Module, proxy: torch.Tensor, attribution: str = "gradxact",
                  num_classes: int | None = None, seed: int = 0, check: str = "clients", check_samples: int = 500,
-                 fusion_rounds: int = 0, refine_steps: int = 0, **flower_kwargs):
-        super().__init__(template, proxy, seed, check, check_samples, **flower_kwargs)
+                 fusion_rounds: int = 0, refine_steps: int = 0, train_from: str = "global", **flower_kwargs):
+        super().__init__(template, proxy, seed, check, check_samples, train_from, **flower_kwargs)
         self.attribution = attribution
         self.num_classes = num_classes
         self.level_widths = {level.name: level.width for level in models.levels(self.template)}
@@ -74,6 +77,7 @@ class NeuronFusion(CheckedMerge):
         contents = [msg.content for msg in valid]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         record.extra["clients_used"] = len(valid)
+        self.next_training_start(None)
         if len(valid) < 2:
             # Nothing to fuse: the one valid model (as FedAvg would give) becomes global.
             log(WARNING, "round %d: fusion needs two valid updates, got one: it becomes the global model", server_round)
@@ -96,6 +100,7 @@ class NeuronFusion(CheckedMerge):
                              restarts=False, refine_steps=self.refine_steps, seed=self.seed + server_round)
         candidates = {"fusion": fused, "average": averaged}
         selected, figures = self.choose(server_round, valid, client_models, candidates, check_part, record)
+        self.next_training_start(averaged)
         levels = report["levels"]
         moved = [lv["moved"] for lv in levels if lv["kind"] != "head" and not math.isnan(lv["moved"])]
         record.extra.update(
@@ -113,8 +118,5 @@ class NeuronFusion(CheckedMerge):
 
 def _refine_figures(refined: dict | None) -> dict:
     """The refinement's round figures: its steps, the step kept (0: the fitted model)
-    and its held-out agreement with the target before and after."""
-    if refined is None:
-        return {}
-    return {"refine_s": refined["seconds"], "refine_steps": refined["steps"], "refine_best_step": refined["best_step"],
-            "refine_agreement_start": refined["agreement_start"], "refine_agreement_best": refined["agreement_best"]}
+    and the held-out loss to the target before and after."""
+    return {} if refined is None else {f"refine_{name}": value for name, value in refined.items()}

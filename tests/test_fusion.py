@@ -199,9 +199,9 @@ def test_fits_that_do_not_help_are_reverted():
 
 
 def test_refinement_brings_the_fused_model_closer_to_its_target():
-    # Six clients' first round at Dirichlet 0.1: the level-by-level fit agrees with its
-    # target on 92% of test images.
-    spec = data.FederationSpec(dataset="mnist-5k", clients=6, alpha=0.1, proxy_size=500, seed=0)
+    # Eight clients' first round at Dirichlet 0.3: the level-by-level fit agrees with its
+    # target on 88% of test images.
+    spec = data.FederationSpec(dataset="mnist-5k", clients=8, alpha=0.3, proxy_size=500, seed=0)
     task = TrainTask(federation=spec, attribution="", share_class_counts=True, server_round=1, lr=0.05, local_epochs=3)
     federation = data.build_federation(spec)
     template = task.build_model(10)
@@ -215,7 +215,7 @@ def test_refinement_brings_the_fused_model_closer_to_its_target():
     assert report["refine"] is None
     refined, report = fuse(nets, [proxy], class_weights=counts, restarts=False, refine_steps=1000)
     refine = report["refine"]
-    assert refine["best_step"] > 0 and refine["agreement_best"] > refine["agreement_start"]
+    assert refine["best_step"] > 0 and refine["loss_best"] < refine["loss_start"]
     with torch.no_grad():
         target = head_targets([m(test) for m in nets], counts).argmax(1)
         agreement = {name: float((m(test).argmax(1) == target).double().mean())

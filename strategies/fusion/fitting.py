@@ -4,6 +4,7 @@ probe's output is linear in its trainable parameters, gradient steps otherwise."
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -212,14 +213,22 @@ def closed_form_fit(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: f
     return True
 
 
+@dataclass
+class GradientFit:
+    steps: int  # steps taken before stopping
+    best_step: int  # 0: the starting parameters were kept
+    loss_start: float  # held-out MSE of the starting parameters
+    loss_best: float  # and of the kept ones
+
+
 def gradient_fit(forward, params: list[torch.nn.Parameter], x: torch.Tensor, y: torch.Tensor,
-                 steps: int = 100, lr: float = 3e-3, seed: int = 0) -> int:
+                 steps: int = 100, lr: float = 3e-3, seed: int = 0, patience: int = 2) -> GradientFit:
     """Adam on MSE(forward(x), y) with early stopping on a held-out fifth of the proxy
-    samples; the best parameters seen (the starting ones included) are kept. The
-    module stays in eval mode: its BatchNorm statistics are those it will run with.
-    Returns the steps taken."""
+    samples (checked every 10 steps, stopped after `patience` checks without a better
+    loss); the best parameters seen (the starting ones included) are kept. The module
+    stays in eval mode: its BatchNorm statistics are those it will run with."""
     if not params:
-        return 0
+        return GradientFit(0, 0, float("nan"), float("nan"))
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     cut = max(1, len(x) // 5) if len(x) >= 5 else 0
     held, train = order[:cut], order[cut:]
@@ -230,7 +239,8 @@ def gradient_fit(forward, params: list[torch.nn.Parameter], x: torch.Tensor, y: 
             idx = held if len(held) else train
             return F.mse_loss(forward(x[idx]), y[idx]).item()
 
-    best, best_state, patience, taken = held_loss(), [p.detach().clone() for p in params], 0, 0
+    start = best = held_loss()
+    best_state, best_step, waited, taken = [p.detach().clone() for p in params], 0, 0, 0
     for step in range(steps):
         batch = train[torch.randint(len(train), (min(128, len(train)),),
                                     generator=torch.Generator().manual_seed(seed + step))]
@@ -241,12 +251,12 @@ def gradient_fit(forward, params: list[torch.nn.Parameter], x: torch.Tensor, y: 
         if step % 10 == 9:
             loss = held_loss()
             if loss < best - 1e-9:
-                best, best_state, patience = loss, [p.detach().clone() for p in params], 0
+                best, best_state, best_step, waited = loss, [p.detach().clone() for p in params], taken, 0
             else:
-                patience += 1
-                if patience >= 2:
+                waited += 1
+                if waited >= patience:
                     break
     with torch.no_grad():
         for p, b in zip(params, best_state):
             p.copy_(b)
-    return taken
+    return GradientFit(taken, best_step, start, best)
