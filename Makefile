@@ -16,7 +16,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 DEMO_ARGS := --dataset fashion-mnist --partition dirichlet --alpha 0.5 --clients 10 \
              --rounds 5 --local-epochs 1 --model simple-cnn --no-projection --seed 0 --quiet
 
-.PHONY: setup demo test test-slow bench bench-plan bench-one-shot bench-few-round bench-fusion-then-fedavg bench-fusion-target bench-smoke bench-micro bench-overhead bench-projection bench-fusion clean
+.PHONY: setup demo test test-slow bench bench-plan bench-one-shot bench-few-round bench-fusion-policy bench-byzantine bench-fusion-then-fedavg bench-fusion-target bench-smoke bench-micro bench-overhead bench-projection bench-fusion clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -70,6 +70,18 @@ bench-few-round: setup
 # (about 40 minutes here). Records in results/fusion-then-fedavg.
 bench-fusion-then-fedavg: setup
 	$(BIN)/fedfuse bench simulations/configs/fusion-then-fedavg.toml --out results/fusion-then-fedavg --only '$(BENCH_ONLY)'
+
+# Fusion meant never to trail FedAvg: clients on FedAvg's trajectory, the fused model out where
+# the check prefers it (plain and refined), on the headline's small-CNN runs (about 2 hours
+# here). Records in results/fusion-policy.
+bench-fusion-policy: setup
+	$(BIN)/fedfuse bench simulations/configs/fusion-policy.toml --out results/fusion-policy --only '$(BENCH_ONLY)'
+
+# Byzantine clients: 2 of 10 attackers, each attack, FedAvg, Krum, FedMedian, FedTrimmedAvg
+# and fusion at Dirichlet 0.5 and 0.1, 3 seeds (183 runs: about 7-8 hours here, resumable).
+# Records in results/byzantine.
+bench-byzantine: setup
+	$(BIN)/fedfuse bench simulations/configs/byzantine.toml --out results/byzantine --only '$(BENCH_ONLY)'
 
 # Why multi-round fusion trails FedAvg: per FedAvg round, the average against the
 # class-weighted ensemble fusion fits (small CNN, the headline's splits; ~15 minutes here).

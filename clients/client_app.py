@@ -11,7 +11,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from clients import faults, runtime
+from clients import attacks, faults, runtime
 from clients.local_update import check_candidates, local_update
 from clients.task import TrainTask
 from strategies.messages import array_record
@@ -43,17 +43,20 @@ def train(msg: Message, context: Context) -> Message:
     seed = task.federation.seed
     faults.maybe_fail(task.client_failure_rate, seed, task.server_round, pid)
     update = local_update(task, pid, global_state)
-    injected = ""
+    injected = []
+    if attacks.is_attacker(task, pid):
+        update = attacks.attack_update(update, global_state, task.attack, seed, task.server_round, pid)
+        injected.append(f"attack:{task.attack}")
     if task.poison_clients and pid in faults.poisoned_partitions(task.poison_clients, task.federation.clients, seed):
         update.state = faults.poison_state(update.state, task.poison)
-        injected = f"poison:{task.poison}"
+        injected.append(f"poison:{task.poison}")
     content = RecordDict({
         "arrays": array_record(update.state),
         "metrics": MetricRecord(update.metrics),
         "placement": ConfigRecord(runtime.placement()),
     })
     if injected:  # recorded by the server in clients.jsonl
-        content["faults"] = ConfigRecord({"injected": injected})
+        content["faults"] = ConfigRecord({"injected": ",".join(injected)})
     # Fusion's extra records: neuron scores per level, and the class histogram if shared.
     if update.attributions is not None:
         content["attributions"] = array_record(update.attributions)

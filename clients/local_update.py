@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import models
-from clients import runtime, training
+from clients import attacks, runtime, training
 from clients.task import TrainTask
 from data import BatchLoader, build_federation
 from strategies.fusion.attribution import neuron_attributions
@@ -54,6 +54,7 @@ def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.
     federation = _client_federation(task, partition_id)
     model = _model_from(task, federation.num_classes, global_state)
     images, labels = federation.client_data(partition_id)
+    labels = attacks.training_labels(task, partition_id, labels, federation.num_classes)
     # A distinct, reproducible shuffle per (seed, round, client).
     seed = zlib.crc32(f"{task.federation.seed}/{task.server_round}/{partition_id}".encode())
     torch.manual_seed(seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import models
+from clients.attacks import ATTACK_KINDS
 from clients.faults import POISON_KINDS
 from data import FederationSpec, InputSpec
 from data.settings import Check, from_flat, internal, nested, number, setting, to_flat, whole
@@ -50,6 +51,11 @@ class TrainTask:
     poison_clients: int = setting(0, "fault injection: this many clients (the same all run) send broken updates",
                                   check=whole(0))
     poison: str = setting("nan", "their kind of broken update", choices=POISON_KINDS)
+    attackers: int = setting(0, "Byzantine simulation: this many clients (the same all run) send well-formed "
+                                "attacked updates", check=whole(0))
+    attack: str = setting("sign-flip", "their attack: sign-flip, label-flip, lie-counts (all examples claimed for "
+                                       "one class), lie-size (10x the examples claimed) or noise",
+                          choices=ATTACK_KINDS)
     proximal_mu: float = internal(0.0)  # FedProx sets "proximal-mu" itself; 0 is plain SGD
     server_round: int = internal(0)
 

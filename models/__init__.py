@@ -12,6 +12,7 @@ from models.projection import (
 from models.registry import ModelError, ModelInfo, create, info, names, register
 from models.report import format_report, parameter_report
 from models.state import (
+    NORM_STATISTICS,
     exchanged_names,
     exchanged_state,
     load_exchanged_state,
@@ -20,7 +21,7 @@ from models.state import (
 )
 
 __all__ = [
-    "POINTWISE_POLICIES", "Level", "ModelError", "ModelInfo", "ProjectedConv2d", "ProjectedLinear", "create",
+    "NORM_STATISTICS", "POINTWISE_POLICIES", "Level", "ModelError", "ModelInfo", "ProjectedConv2d", "ProjectedLinear", "create",
     "exchanged_names", "exchanged_state", "fold", "format_report", "info", "is_projected",
     "levels", "load_exchanged_state", "names", "parameter_report", "project", "register", "state_bytes",
     "with_state",

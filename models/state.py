@@ -12,12 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
+# Norm layers' running statistics: exchanged with the weights, but averages, not weights.
+NORM_STATISTICS = ("running_mean", "running_var")
+
 
 def exchanged_names(model: nn.Module) -> list[str]:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     names = []
     for name, _ in model.state_dict(keep_vars=True).items():
-        if name in trainable or name.endswith(("running_mean", "running_var")):
+        if name in trainable or name.endswith(NORM_STATISTICS):
             names.append(name)
     return names
 

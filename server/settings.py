@@ -44,8 +44,9 @@ class RunSettings:
     strategy, rounds, placement and run directory."""
 
     task: TrainTask = nested(TrainTask)
-    strategy: str = setting("fedavg", "aggregation: Flower's fedavg, fedprox, fedavgm, fedadam, fedyogi; feddf "
-                                      "(ensemble distillation) or fusion (neuron-centric fusion)",
+    strategy: str = setting("fedavg", "aggregation: Flower's fedavg, fedprox, fedavgm, fedadam, fedyogi, krum, "
+                                      "fedmedian, fedtrimmedavg; feddf (ensemble distillation) or fusion "
+                                      "(neuron-centric fusion)",
                             choices=lambda: strategies.names())
     rounds: int = setting(10, "federated rounds", check=whole(1))
     fraction: float = setting(1.0, "share of clients sampled per round", check=number(0, 1, low_open=True))
@@ -80,6 +81,10 @@ class RunSettings:
                             strategies=ADAPTIVE)
     tau: float = setting(1e-3, "adaptivity of FedAdam and FedYogi (added to the second moment's root)",
                          check=number(0, low_open=True, phrase="must be a positive number"), strategies=ADAPTIVE)
+    malicious_clients: int = setting(0, "Krum: how many malicious clients f it tolerates (it scores each update by "
+                                        "its n - f - 2 nearest others)", check=whole(0), strategies=("krum",))
+    trim_beta: float = setting(0.2, "FedTrimmedAvg: the share of values cut at each end, per coordinate",
+                               check=number(0, 0.5, high_open=True), strategies=("fedtrimmedavg",))
     distill_steps: int = setting(10_000, "FedDF: at most this many distillation steps per round (Adam, batch 128, "
                                          "best of every 100 on held-out proxy samples, patience 1000)",
                                  check=whole(1), strategies=FEDDF)
@@ -159,9 +164,13 @@ class RunSettings:
             raise SettingsError(f"--weights {task.weights} does not exist: give the path of a checkpoint file")
         if task.model.startswith("timm:") and task.pretrained and not task.weights:
             _check_timm_weights_reachable(task.model)
-        if task.poison_clients > spec.clients:
-            raise SettingsError(f"--poison-clients must be a whole number from 0 to --clients "
-                                f"({spec.clients}), got {task.poison_clients}")
+        for option, count in (("--poison-clients", task.poison_clients), ("--attackers", task.attackers)):
+            if count > spec.clients:
+                raise SettingsError(f"{option} must be a whole number from 0 to --clients ({spec.clients}), "
+                                    f"got {count}")
+        if self.strategy == "krum" and self.malicious_clients and spec.clients <= 2 * self.malicious_clients + 2:
+            raise SettingsError(f"--malicious-clients {self.malicious_clients}: Krum needs more than "
+                                f"2 x {self.malicious_clients} + 2 clients, got --clients {spec.clients}")
         if self.client_gpus > 0 and self.ray_num_gpus == 0:
             raise SettingsError("--client-gpus > 0 but --ray-num-gpus 0 declares no GPU: raise one or the other")
         if spec.partition == "dirichlet" and not (spec.alpha > 0 and spec.alpha < float("inf")):

@@ -37,9 +37,15 @@ STRATEGY_VARIANTS = {
     "fusion-uniform": {"strategy": "fusion", "attribution": "uniform"},
     "fusion-then-fedavg": {"strategy": "fusion", "fusion_rounds": 1},  # fusion's head start, then FedAvg
     "fusion-refined": {"strategy": "fusion", "fusion_refine_steps": 2000},  # fitted, then trained to its target
+    # Clients on FedAvg's trajectory; the fused model goes out where the check prefers it.
+    "fusion-from-average": {"strategy": "fusion", "fusion_train_from": "average"},
+    "fusion-from-average-refined": {"strategy": "fusion", "fusion_train_from": "average", "fusion_refine_steps": 2000},
     "fedavgm": {"strategy": "fedavgm", "server_momentum": 0.9},  # the usual choice (Hsu et al., arXiv 1909.06335)
     "fedadam": {"strategy": "fedadam"},
     "fedyogi": {"strategy": "fedyogi"},
+    "krum": {"strategy": "krum", "malicious_clients": 2},  # tolerates the Byzantine grid's 2 attackers of 10
+    "fedmedian": {"strategy": "fedmedian"},
+    "fedtrimmedavg": {"strategy": "fedtrimmedavg"},  # beta 0.2: 2 of 10 values cut at each end
     "feddf": {"strategy": "feddf"},  # the paper's recipe, no check against the average
     "feddf-checked": {"strategy": "feddf", "distill_check": "clients"},  # fusion's check, like for like
 }
@@ -83,6 +89,11 @@ def split_label(spec: FederationSpec) -> str:
     if spec.partition == "pathological":
         return f"C{spec.classes_per_client}"
     return spec.partition
+
+
+def attack_label(task: TrainTask) -> str:
+    """A Byzantine setting's part of the label: "-sign-flip-x2" for 2 sign-flip attackers."""
+    return f"-{task.attack}-x{task.attackers}" if task.attackers else ""
 
 
 def _list(config: dict, key: str, kind: type, default=None) -> list:
@@ -140,7 +151,7 @@ def load_grid(path: str | Path, out_dir: str | Path) -> Grid:
                         values = {**base, **model_values, **part_values, **STRATEGY_VARIANTS[strategy],
                                   "local_epochs": e, "seed": seed}
                         probe = RunSettings.from_mapping(values)
-                        setting = f"{label}-{split_label(probe.federation)}"
+                        setting = f"{label}-{split_label(probe.federation)}{attack_label(probe.task)}"
                         run_id = f"{setting}-{strategy}-s{seed}"
                         runs.append(GridRun(run_id, setting, strategy, seed,
                                             RunSettings.from_mapping({**values, "out": str(out_dir / run_id)})))

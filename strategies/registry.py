@@ -7,6 +7,7 @@ from typing import Callable
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from strategies.recording import RecordedRounds, RoundRecord, mean_train_loss
+from strategies.robust import RecordedFedMedian, RecordedFedTrimmedAvg, RecordedKrum
 from strategies.sampling import PartitionSampler
 from strategies.server_optimizers import RecordedFedAdam, RecordedFedAvgM, RecordedFedYogi
 
@@ -58,6 +59,9 @@ _REGISTRY: dict[str, Callable[..., RecordedRounds]] = {
         server_learning_rate=server_lr, server_momentum=server_momentum, **_flower_kwargs()),
     "fedadam": lambda **options: _adaptive(RecordedFedAdam, **options),
     "fedyogi": lambda **options: _adaptive(RecordedFedYogi, **options),
+    "krum": lambda malicious_clients=0, **_: RecordedKrum(num_malicious_nodes=malicious_clients, **_flower_kwargs()),
+    "fedmedian": lambda **_: RecordedFedMedian(**_flower_kwargs()),
+    "fedtrimmedavg": lambda trim_beta=0.2, **_: RecordedFedTrimmedAvg(beta=trim_beta, **_flower_kwargs()),
     "fusion": _neuron_fusion,
     "feddf": _feddf,
 }

@@ -13,10 +13,10 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
+from models import NORM_STATISTICS
 from strategies.messages import array_record
 from strategies.recording import RecordedRounds
 
-NORM_STATISTICS = ("running_mean", "running_var")
 # The optimisers' state: FedAvgM's momentum and its own copy of the global model;
 # FedOpt's first and second moments (FedOpt takes the global model from each round's
 # message, so it keeps no copy across rounds).

@@ -63,6 +63,10 @@ def test_every_shipped_grid_loads_and_few_round_runs_its_rivals(tmp_path, config
         assert {(r.settings.rounds, r.settings.train_task().local_epochs) for r in grid.runs if r.strategy != "centralised"} == {(3, 20)}
         refined = [r for r in grid.runs if r.strategy == "fusion-refined"]
         assert refined and all(r.settings.fusion_refine_steps > 0 for r in refined)
+    if config.stem == "byzantine":
+        settings = {r.setting for r in grid.runs if r.strategy != "centralised"}
+        assert "simple-cnn-e1-dir0.1" in settings and "simple-cnn-e1-dir0.1-sign-flip-x2" in settings
+        assert len(settings) == 2 * 6  # each split clean and under each of the 5 attacks
 
 
 def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):

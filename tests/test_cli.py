@@ -17,7 +17,7 @@ BAD_INPUTS = [
     (["--alpha", "-1"], "--alpha must be > 0"),
     (["--dataset", "imagenet"], "--dataset must be one of cifar10, digits, fashion-mnist"),
     (["--model", "resnet-9000"], "unknown model 'resnet-9000'"),
-    (["--strategy", "fedsgd"], "--strategy must be one of fedadam, fedavg, fedavgm, feddf, fedprox, fedyogi, fusion, got 'fedsgd'"),
+    (["--strategy", "fedsgd"], "--strategy must be one of fedadam, fedavg, fedavgm, feddf, fedmedian, fedprox, fedtrimmedavg, fedyogi, fusion, krum, got 'fedsgd'"),
     (["--dataset", "digits", "--clients", "5000"], "more than the 438 training samples"),
     (["--dataset", "digits", "--partition", "pathological", "--classes-per-client", "11"],
      "--classes-per-client 11 is more than the dataset's 10 classes"),
