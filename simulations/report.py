@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from server.results import is_finished, read_jsonl, read_metrics, read_summary
-from simulations.grid import CENTRALISED, Grid, split_label
+from simulations.grid import CENTRALISED, Grid, attack_label, split_label
 from simulations.tables import optional
 
 CSV_COLUMNS = ["run", "setting", "strategy", "seed", "model", "split", "local_epochs", "round", "accuracy",
@@ -131,8 +131,32 @@ def against_fedavg(rows: list[dict]) -> list[dict]:
     return lines
 
 
+def under_attack(rows: list[dict], grid: Grid) -> list[dict]:
+    """Every strategy under each attack against its own clean run (the same split and
+    seed without attackers), paired by seed: final accuracy and last-rounds mean minus
+    the clean run's."""
+    clean_of = {}
+    for run in grid.runs:
+        suffix = attack_label(run.settings.train_task())
+        if suffix:
+            clean_of[run.setting] = run.setting[:-len(suffix)]
+    curves = _curves(rows)
+    lines = []
+    for (setting, strategy), by_seed in sorted(curves.items()):
+        clean = curves.get((clean_of.get(setting), strategy))
+        seeds = sorted(set(by_seed) & set(clean)) if clean else []
+        if not seeds:
+            continue
+        deltas = [by_seed[s][-1]["accuracy"] - clean[s][-1]["accuracy"] for s in seeds]
+        last_deltas = [_last_rounds_mean(by_seed[s]) - _last_rounds_mean(clean[s]) for s in seeds]
+        lines.append({"setting": setting, "strategy": strategy, "seeds": len(seeds),
+                      "delta_mean": float(np.mean(deltas)), "delta_std": _std(deltas),
+                      "last_delta_mean": float(np.mean(last_deltas)), "last_delta_std": _std(last_deltas)})
+    return lines
+
+
 def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[dict],
-                 comparisons: list[dict] = ()) -> None:
+                 comparisons: list[dict] = (), attacked: list[dict] = ()) -> None:
     target = grid.target_accuracy
     text = [
         "# fedfuse benchmark report", "",
@@ -175,6 +199,18 @@ def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[di
                 f"| {_mean_std(c['last_delta_mean'], c['last_delta_std'], 2, 100, signed=True)} "
                 f"| {c['reached']}/{c['seeds']} "
                 f"| {optional(c['rounds_to_fedavg_final'], '{:.1f}')} | {c['fedavg_rounds']:.1f} |")
+    if attacked:
+        text += [
+            "", "## Under attack", "",
+            "Each strategy under each attack against its own clean run (the same split, seed and strategy "
+            f"without attackers): final accuracy and the mean of the last {LAST_ROUNDS} rounds minus the clean "
+            "run's, in points (mean ± std over seeds).", "",
+            f"| setting | strategy | seeds | final - clean | last {LAST_ROUNDS} rounds - clean |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        text += [f"| {a['setting']} | {a['strategy']} | {a['seeds']} "
+                 f"| {_mean_std(a['delta_mean'], a['delta_std'], 2, 100, signed=True)} "
+                 f"| {_mean_std(a['last_delta_mean'], a['last_delta_std'], 2, 100, signed=True)} |" for a in attacked]
     text += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in sorted(out_dir.glob("*.png"))), ""]
     if failures:
         text += ["## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in failures] + [""]
@@ -230,5 +266,5 @@ def write_outputs(grid: Grid, out_dir: Path) -> list[dict]:
     lines = summarise(rows, grid.target_accuracy, ensembles)
     if rows:
         write_plots(rows, out_dir)
-    write_report(grid, out_dir, lines, failures, against_fedavg(rows))
+    write_report(grid, out_dir, lines, failures, against_fedavg(rows), under_attack(rows, grid))
     return lines

@@ -117,6 +117,30 @@ def test_against_fedavg_pairs_seeds_and_counts_rounds_to_fedavg_final():
     assert line["last_delta_mean"] == pytest.approx(((0.72333 - 0.6) + (0.4 - 0.53333)) / 2, abs=1e-4)
 
 
+def test_under_attack_pairs_each_strategy_with_its_own_clean_run(tmp_path):
+    from simulations.report import under_attack
+
+    config = _grid_file(tmp_path, 'strategies = ["fedavg", "krum"]\nseeds = [0, 1]\n[base]\ndataset = "mnist-5k"\n'
+                                  'clients = 8\n[[partitions]]\npartition = "dirichlet"\nalpha = 0.1\n'
+                                  '[[partitions]]\npartition = "dirichlet"\nalpha = 0.1\nattackers = 1\n'
+                                  'attack = "noise"\n')
+    grid = load_grid(config, tmp_path / "out")
+    attacked = "simple-cnn-e1-dir0.1-noise-x1"
+    assert {r.setting for r in grid.runs} >= {"simple-cnn-e1-dir0.1", attacked}
+
+    def rows(setting, strategy, seed, accuracies):
+        return [{**row, "setting": setting} for row in _rows(strategy, seed, accuracies)]
+
+    clean = "simple-cnn-e1-dir0.1"
+    records = (rows(clean, "fedavg", 0, [0.1, 0.7]) + rows(clean, "fedavg", 1, [0.1, 0.8])
+               + rows(attacked, "fedavg", 0, [0.1, 0.4]) + rows(attacked, "fedavg", 1, [0.1, 0.6])
+               + rows(clean, "krum", 0, [0.1, 0.6]) + rows(attacked, "krum", 0, [0.1, 0.65]))
+    lines = {line["strategy"]: line for line in under_attack(records, grid)}
+    assert set(lines) == {"fedavg", "krum"} and lines["krum"]["seeds"] == 1
+    assert lines["fedavg"]["delta_mean"] == pytest.approx(-0.25)  # -0.3 and -0.2, each against its own seed
+    assert lines["krum"]["delta_mean"] == pytest.approx(0.05)
+
+
 def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_run_one", lambda run: pytest.fail("--plan must not run anything"))
     config = _grid_file(tmp_path, 'strategies = ["fedavg", "fusion"]\nseeds = [0, 1]\nlocal_epochs = [1, 3]\n'
