@@ -68,6 +68,9 @@ class RunSettings:
                                                "(global) or FedAvg's average of the round's updates (average: "
                                                "FedAvg's trajectory, the fused model goes out where the check "
                                                "prefers it)", choices=TRAIN_FROM, strategies=FUSION)
+    fusion_blends: int = setting(1, "with --fusion-check clients, also offer the check N - 1 blends of the average "
+                                    "and the fused model, average + i/N (fused - average) (1: none; 2: the midpoint)",
+                                 check=whole(1), strategies=FUSION)
     server_lr: float = setting(1.0, "FedAvgM's server learning rate",
                                check=number(0, low_open=True, phrase="must be a positive number"),
                                strategies=("fedavgm",))
@@ -168,6 +171,9 @@ class RunSettings:
             if count > spec.clients:
                 raise SettingsError(f"{option} must be a whole number from 0 to --clients ({spec.clients}), "
                                     f"got {count}")
+        if self.strategy == "fusion" and self.fusion_blends > 1 and self.fusion_check != "clients":
+            raise SettingsError(f"--fusion-blends {self.fusion_blends} offers the clients' check more candidates: "
+                                f"it needs --fusion-check clients, got {self.fusion_check}")
         if self.strategy == "krum" and self.malicious_clients and spec.clients <= 2 * self.malicious_clients + 2:
             raise SettingsError(f"--malicious-clients {self.malicious_clients}: Krum needs more than "
                                 f"2 x {self.malicious_clients} + 2 clients, got --clients {spec.clients}")

@@ -40,6 +40,9 @@ STRATEGY_VARIANTS = {
     # Clients on FedAvg's trajectory; the fused model goes out where the check prefers it.
     "fusion-from-average": {"strategy": "fusion", "fusion_train_from": "average"},
     "fusion-from-average-refined": {"strategy": "fusion", "fusion_train_from": "average", "fusion_refine_steps": 2000},
+    # ... and the check also weighs 3 blends of the average and the refined fused model.
+    "fusion-blended": {"strategy": "fusion", "fusion_train_from": "average", "fusion_refine_steps": 2000,
+                       "fusion_blends": 4},
     "fedavgm": {"strategy": "fedavgm", "server_momentum": 0.9},  # the usual choice (Hsu et al., arXiv 1909.06335)
     "fedadam": {"strategy": "fedadam"},
     "fedyogi": {"strategy": "fedyogi"},

@@ -107,7 +107,8 @@ class CheckedMerge(RecordedRounds, FedAvg):
 
     def choose(self, server_round: int, valid: list[Message], client_models: list[nn.Module],
                candidates: dict[str, nn.Module], held_out: torch.Tensor, record: RoundRecord) -> tuple[str, dict]:
-        """The candidate that goes out (`merged` or "average") and the check's figures."""
+        """The name of the candidate that goes out (`merged`, "average", or with the
+        clients' check any other of `candidates`) and the check's figures."""
         if self.check == "clients":
             return self._check_on_clients(server_round, valid, candidates, record)
         if self.check == "proxy":
@@ -116,9 +117,10 @@ class CheckedMerge(RecordedRounds, FedAvg):
 
     def _check_on_clients(self, server_round: int, valid: list[Message], candidates: dict[str, nn.Module],
                           record: RoundRecord) -> tuple[str, dict]:
-        """Both candidates go to the clients of the valid updates; each reports their
-        accuracy and loss on a sample of its shard. Without a usable reply the average
-        (FedAvg's choice) goes out."""
+        """All candidates (the merged model, the average, and any others, such as blends of
+        the two) go to the clients of the valid updates; each reports their accuracy and
+        loss on a sample of its shard, and the most accurate goes out. Without a usable
+        reply the average (FedAvg's choice) goes out."""
         started = time.perf_counter()
         arrays = {name: array_record(models.exchanged_state(model)) for name, model in candidates.items()}
         config = ConfigRecord({**self._task_config, "server-round": server_round, "check-samples": self.check_samples,
@@ -151,24 +153,28 @@ class CheckedMerge(RecordedRounds, FedAvg):
             return "average", figures
         # The fused model's head is fitted to the clients' logits, class by class, and can
         # be far more confident than it is right (#C=2: loss 4-7 at 25-43% accuracy, and
-        # local SGD from it diverged to NaN in round 4): it goes out temperature-scaled.
-        best = int(np.argmin(losses[self.merged]))
-        _scale_logits(candidates[self.merged], 1.0 / TEMPERATURES[best])
+        # local SGD from it diverged to NaN in round 4): a merged model goes out
+        # temperature-scaled, so it is judged at its best temperature.
         unscaled = TEMPERATURES.index(1.0)
-        figures.update(**{f"{self.merged}_temperature": TEMPERATURES[best],
-                          f"check_loss_{self.merged}": losses[self.merged][best] / examples,
-                          f"check_loss_{self.merged}_unscaled": losses[self.merged][unscaled] / examples},
-                       check_loss_average=losses["average"][unscaled] / examples,
-                       **{f"check_accuracy_{name}": accuracy[name] / examples for name in candidates})
+        merged = [name for name in candidates if name != "average"]  # the merged model first: it wins ties
+        best = {name: int(np.argmin(losses[name])) for name in merged}
+        figures.update(**{f"check_loss_{name}": losses[name][best[name]] / examples for name in merged},
+                       **{f"check_accuracy_{name}": accuracy[name] / examples for name in candidates},
+                       check_loss_average=losses["average"][unscaled] / examples)
+        figures[f"check_loss_{self.merged}_unscaled"] = losses[self.merged][unscaled] / examples
         # Accuracy first: a fused model is often the more accurate but the less calibrated
         # (round 1 of EfficientNet-Lite0, Dirichlet 0.1: test accuracy 0.47 vs 0.15, loss
         # 3.1 vs 2.4), and accuracy is what the federation is after.
         score = {name: (figures[f"check_accuracy_{name}"], -figures[f"check_loss_{name}"]) for name in candidates}
-        selected = self.merged if score[self.merged] >= score["average"] else "average"
+        selected = max(merged + ["average"], key=lambda name: score[name])
         if selected == "average":
+            figures[f"{self.merged}_temperature"] = TEMPERATURES[best[self.merged]]
             log(WARNING, "round %d: on the clients' data the weighted average is the more accurate (%.4f vs %.4f "
                 "for the merged model): it becomes the global model", server_round, figures["check_accuracy_average"],
                 figures[f"check_accuracy_{self.merged}"])
+        else:
+            figures[f"{self.merged}_temperature"] = TEMPERATURES[best[selected]]
+            _scale_logits(candidates[selected], 1.0 / TEMPERATURES[best[selected]])
         return selected, figures
 
 

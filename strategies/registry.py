@@ -31,12 +31,12 @@ def _flower_kwargs() -> dict:
 
 def _neuron_fusion(template, proxy, attribution="gradxact", num_classes=None, seed=0, fusion_check="clients",
                    check_samples=500, fusion_rounds=0, fusion_refine_steps=0, fusion_train_from="global",
-                   **_) -> RecordedRounds:
+                   fusion_blends=1, **_) -> RecordedRounds:
     from strategies.neuron_fusion import NeuronFusion
 
     return NeuronFusion(template, proxy, attribution, num_classes, seed, check=fusion_check,
                         check_samples=check_samples, fusion_rounds=fusion_rounds, refine_steps=fusion_refine_steps,
-                        train_from=fusion_train_from, **_flower_kwargs())
+                        train_from=fusion_train_from, blends=fusion_blends, **_flower_kwargs())
 
 
 def _feddf(template, proxy, seed=0, distill_check="off", check_samples=500, distill_steps=10_000, distill_lr=1e-3,

@@ -59,10 +59,11 @@ def test_every_shipped_grid_loads_and_few_round_runs_its_rivals(tmp_path, config
     assert grid.runs and all(r.settings.rounds >= 1 for r in grid.runs)
     if config.stem == "few-round":
         strategies = {r.strategy for r in grid.runs}
-        assert {"fedavg", "fedprox", "fedavgm", "feddf", "fusion", "fusion-uniform"} <= strategies
+        assert {"fedavg", "fedprox", "fedavgm", "feddf", "fusion", "fusion-uniform", "fusion-blended"} <= strategies
         assert {(r.settings.rounds, r.settings.train_task().local_epochs) for r in grid.runs if r.strategy != "centralised"} == {(3, 20)}
-        refined = [r for r in grid.runs if r.strategy == "fusion-refined"]
-        assert refined and all(r.settings.fusion_refine_steps > 0 for r in refined)
+        blended = [r.settings for r in grid.runs if r.strategy == "fusion-blended"]
+        assert blended and all(s.fusion_refine_steps > 0 and s.fusion_blends > 1 and s.fusion_train_from == "average"
+                               for s in blended)
     if config.stem == "byzantine":
         settings = {r.setting for r in grid.runs if r.strategy != "centralised"}
         assert "simple-cnn-e1-dir0.1" in settings and "simple-cnn-e1-dir0.1-sign-flip-x2" in settings

@@ -14,6 +14,7 @@ import strategies
 from clients import training
 from clients.local_update import check_candidates, local_update
 from clients.task import TrainTask
+from strategies.neuron_fusion import blends
 
 SPEC = data.FederationSpec(dataset="mnist-5k", clients=4, proxy_size=256, seed=0)
 
@@ -333,3 +334,21 @@ def test_with_train_from_average_clients_follow_fedavg_while_the_fused_model_goe
     default.aggregate_train(1, replies)
     assert default.server_state() == {}
     assert all(np.array_equal(sent_state(default)[k], fused[k].numpy()) for k in fused)
+
+
+def test_with_blends_the_check_sends_the_most_accurate_of_average_blends_and_fused(round_one):
+    template, proxy, test, updates = round_one
+    strategy = _strategy(template, proxy, fusion_blends=4)
+    sent, _ = strategy.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
+    extra = strategy.current.extra
+    names = ["fusion", "blend-0.25", "blend-0.5", "blend-0.75", "average"]
+    accuracy = {name: extra[f"check_accuracy_{name}"] for name in names}
+    assert extra["selected"] == max(names, key=lambda name: (accuracy[name], -extra[f"check_loss_{name}"]))
+    # One message per client, all five candidates in it.
+    assert len(strategy._grid.sent) == 4 and len(strategy._grid.sent[0].content.array_records) == 5
+    # A blend is the interpolation of the two: halfway, each tensor is the mean.
+    fused, averaged = (models.with_state(template, {k: v.numpy() for k, v in strategy._grid.sent[0].content[n].items()})
+                       for n in ("fusion", "average"))
+    halfway = blends(averaged, fused, 2)["blend-0.5"]
+    assert all(torch.allclose(v, (fused.state_dict()[k] + averaged.state_dict()[k]) / 2, atol=1e-6)
+               for k, v in halfway.state_dict().items())
