@@ -72,7 +72,7 @@ bench-fusion-then-fedavg: setup
 	$(BIN)/fedfuse bench simulations/configs/fusion-then-fedavg.toml --out results/fusion-then-fedavg --only '$(BENCH_ONLY)'
 
 # Fusion meant never to trail FedAvg: clients on FedAvg's trajectory, the fused model out where
-# the check prefers it (plain and refined), on the headline's small-CNN runs (about 2 hours
+# the check prefers it (plain, and refined and blended), on the headline's small-CNN runs (about 3 hours
 # here). Records in results/fusion-policy.
 bench-fusion-policy: setup
 	$(BIN)/fedfuse bench simulations/configs/fusion-policy.toml --out results/fusion-policy --only '$(BENCH_ONLY)'

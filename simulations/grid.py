@@ -39,8 +39,7 @@ STRATEGY_VARIANTS = {
     "fusion-refined": {"strategy": "fusion", "fusion_refine_steps": 2000},  # fitted, then trained to its target
     # Clients on FedAvg's trajectory; the fused model goes out where the check prefers it.
     "fusion-from-average": {"strategy": "fusion", "fusion_train_from": "average"},
-    "fusion-from-average-refined": {"strategy": "fusion", "fusion_train_from": "average", "fusion_refine_steps": 2000},
-    # ... and the check also weighs 3 blends of the average and the refined fused model.
+    # ... with the fused model refined, and 3 blends of it and the average for the check.
     "fusion-blended": {"strategy": "fusion", "fusion_train_from": "average", "fusion_refine_steps": 2000,
                        "fusion_blends": 4},
     "fedavgm": {"strategy": "fedavgm", "server_momentum": 0.9},  # the usual choice (Hsu et al., arXiv 1909.06335)
