@@ -167,14 +167,13 @@ class CheckedMerge(RecordedRounds, FedAvg):
         # 3.1 vs 2.4), and accuracy is what the federation is after.
         score = {name: (figures[f"check_accuracy_{name}"], -figures[f"check_loss_{name}"]) for name in candidates}
         selected = max(merged + ["average"], key=lambda name: score[name])
+        figures[f"{self.merged}_temperature"] = TEMPERATURES[best[self.merged if selected == "average" else selected]]
         if selected == "average":
-            figures[f"{self.merged}_temperature"] = TEMPERATURES[best[self.merged]]
             log(WARNING, "round %d: on the clients' data the weighted average is the more accurate (%.4f vs %.4f "
                 "for the merged model): it becomes the global model", server_round, figures["check_accuracy_average"],
                 figures[f"check_accuracy_{self.merged}"])
         else:
-            figures[f"{self.merged}_temperature"] = TEMPERATURES[best[selected]]
-            _scale_logits(candidates[selected], 1.0 / TEMPERATURES[best[selected]])
+            _scale_logits(candidates[selected], 1.0 / figures[f"{self.merged}_temperature"])
         return selected, figures
 
 
