@@ -17,23 +17,18 @@ seed, and every random draw is seeded by (seed, round, partition).
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 
+from clients.faults import chosen_partitions, seeded_rng
 from models import NORM_STATISTICS
 
 ATTACK_KINDS = ("sign-flip", "label-flip", "lie-counts", "lie-size", "noise")
 SIZE_FACTOR = 10
 
 
-def _rng(*parts) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32("/".join(str(p) for p in parts).encode()))
-
-
 def attacking_partitions(count: int, num_clients: int, seed: int) -> set[int]:
     """The same `count` partitions for the whole run, drawn with the run's seed."""
-    return set(_rng("attack", seed).permutation(num_clients)[:count].tolist())
+    return chosen_partitions("attack", count, num_clients, seed)
 
 
 def is_attacker(task, partition_id: int) -> bool:
@@ -66,7 +61,7 @@ def attack_update(update, global_state: dict[str, np.ndarray], kind: str, seed: 
         if kind == "sign-flip":
             sent = {k: -v for k, v in honest.items()}
         else:
-            rng = _rng("noise", seed, server_round, partition_id)
+            rng = seeded_rng("noise", seed, server_round, partition_id)
             noise = {k: rng.standard_normal(v.shape) for k, v in honest.items()}
             sent = {k: v * (_norm(honest) / max(_norm(noise), 1e-12)) for k, v in noise.items()}
         state.update({k: (global_state[k] + sent[k]).astype(state[k].dtype) for k in weights})

@@ -16,19 +16,25 @@ class InjectedFailure(RuntimeError):
     """A crash the simulation asked for (--client-failure-rate)."""
 
 
-def _rng(*parts) -> np.random.Generator:
+def seeded_rng(*parts) -> np.random.Generator:
+    """A generator seeded by its parts (seed, round, partition, ...): the same draws every run."""
     return np.random.default_rng(zlib.crc32("/".join(str(p) for p in parts).encode()))
 
 
 def maybe_fail(rate: float, seed: int, server_round: int, partition_id: int) -> None:
-    if rate > 0 and _rng("fail", seed, server_round, partition_id).random() < rate:
+    if rate > 0 and seeded_rng("fail", seed, server_round, partition_id).random() < rate:
         raise InjectedFailure(f"injected failure of client {partition_id} in round {server_round} "
                               f"(--client-failure-rate {rate})")
 
 
 def poisoned_partitions(count: int, num_clients: int, seed: int) -> set[int]:
     """The same `count` partitions for the whole run, drawn with the run's seed."""
-    return set(_rng("poison", seed).permutation(num_clients)[:count].tolist())
+    return chosen_partitions("poison", count, num_clients, seed)
+
+
+def chosen_partitions(kind: str, count: int, num_clients: int, seed: int) -> set[int]:
+    """`count` partitions drawn with the run's seed, one draw per `kind` of fault."""
+    return set(seeded_rng(kind, seed).permutation(num_clients)[:count].tolist())
 
 
 def poison_state(state: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
