@@ -18,6 +18,7 @@ from torch import nn
 import models
 from strategies.checked_merge import CheckedMerge
 from strategies.fusion import average_models, fuse
+from strategies.fusion.claims import CLAIM_CAP, checked_class_counts, predicted_shares
 from strategies.messages import array_record
 from strategies.recording import RoundRecord
 from strategies.validation import reply_problem
@@ -37,7 +38,9 @@ class NeuronFusion(CheckedMerge):
     `attribution`: "uniform" (clients send no scores: plain neuron-centric fusion, the
     ablation) or the captum method the clients use. `num_classes`: when set, clients
     send their class histogram and the head's target weighs each model's logit of a
-    class by its share of that class's samples. `fusion_rounds`: when > 0, rounds after
+    class by its share of that class's samples; `claim_cap` > 0 first checks each
+    histogram against the model's own predictions (strategies.fusion.claims; 0 believes
+    the clients). `fusion_rounds`: when > 0, rounds after
     the first `fusion_rounds` send FedAvg's weighted average, unfused and unchecked, and
     ask the clients for neither attributions nor class histograms. `refine_steps`: the
     engine's end-to-end refinement of the fused model (0: none). `train_from`: "global"
@@ -52,7 +55,7 @@ class NeuronFusion(CheckedMerge):
     def __init__(self, template: nn.Module, proxy: torch.Tensor, attribution: str = "gradxact",
                  num_classes: int | None = None, seed: int = 0, check: str = "clients", check_samples: int = 500,
                  fusion_rounds: int = 0, refine_steps: int = 0, train_from: str = "global", blends: int = 1,
-                 **flower_kwargs):
+                 claim_cap: float = CLAIM_CAP, **flower_kwargs):
         super().__init__(template, proxy, seed, check, check_samples, train_from, **flower_kwargs)
         self.attribution = attribution
         self.num_classes = num_classes
@@ -60,6 +63,7 @@ class NeuronFusion(CheckedMerge):
         self.fusion_rounds = fusion_rounds
         self.refine_steps = refine_steps
         self.blends = blends
+        self.claim_cap = claim_cap
         self._fusing = True  # whether this round's replies are fused (set per round)
 
     def fuses(self, server_round: int) -> bool:
@@ -96,10 +100,10 @@ class NeuronFusion(CheckedMerge):
             [torch.from_numpy(content["attributions"][name].numpy()) for name in self.level_widths]
             for content in contents
         ]
-        class_weights = None if self.num_classes is None else torch.tensor(
-            [content["class-counts"]["counts"] for content in contents], dtype=torch.float64)
         # Every client started from the global model: its neurons correspond, no k-means++ restarts.
         fit_part, check_part = self._proxy_split()
+        class_weights = None if self.num_classes is None else self._class_weights(valid, client_models, fit_part,
+                                                                                    record)
         fused, report = fuse(client_models, [fit_part], attributions, class_weights=class_weights,
                              restarts=False, refine_steps=self.refine_steps, seed=self.seed + server_round)
         candidates = {"fusion": fused, "average": averaged, **blends(averaged, fused, self.blends)}
@@ -118,6 +122,21 @@ class NeuronFusion(CheckedMerge):
             **figures,
         )
         return array_record(models.exchanged_state(candidates[selected])), metrics
+
+    def _class_weights(self, valid: list[Message], client_models: list[nn.Module], proxy: torch.Tensor,
+                       record: RoundRecord) -> torch.Tensor:
+        """The clients' class histograms, checked against their models when `claim_cap` is
+        set; the round's record names the partitions whose histogram was not believed."""
+        claimed = torch.tensor([msg.content["class-counts"]["counts"] for msg in valid], dtype=torch.float64)
+        if not self.claim_cap:
+            return claimed
+        checked = checked_class_counts(claimed, predicted_shares(client_models, proxy), self.claim_cap)
+        replaced = [self._partition(valid[i]) for i in checked.replaced]
+        if replaced:
+            log(WARNING, "round %d: class histograms of partitions %s disagree with their models' predictions: "
+                "their predicted shares weigh the head instead", record.server_round, replaced)
+        record.extra.update(claims_replaced=replaced, claims_capped_mass=max(checked.capped_mass))
+        return checked.counts
 
 
 def _refine_figures(refined: dict | None) -> dict:

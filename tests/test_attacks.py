@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 import data
@@ -13,6 +14,7 @@ from clients.task import TrainTask
 from server.results import read_jsonl
 from server.settings import RunSettings, SettingsError
 from simulations.simulate import simulate
+from strategies.fusion.claims import checked_class_counts
 from strategies.messages import array_record
 from strategies.recording import OUTLIER_FACTOR
 from strategies.validation import reply_problem
@@ -149,3 +151,31 @@ def test_a_federation_records_its_attackers_and_their_replies_are_taken(tmp_path
     # One partition, both rounds, accepted: well-formed, so only a robust rule can stop it.
     assert len(attacked) == 2 and len({line["partition"] for line in attacked}) == 1
     assert all(line["status"] == "ok" for line in attacked)
+
+
+def test_a_lie_counts_claim_cannot_move_the_head_class_weights_past_the_cap():
+    predicted = torch.tensor([[0.55, 0.3, 0.1, 0.05], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]],
+                             dtype=torch.float64)
+    honest = torch.tensor([[60.0, 30.0, 10.0, 0.0], [25.0, 25.0, 25.0, 25.0], [100.0, 0.0, 0.0, 0.0]])
+    kept = checked_class_counts(honest, predicted, cap=2)
+    # Honest claims lie within 2x their models' predicted shares, even all-in-one-class ones.
+    assert kept.replaced == [] and kept.capped_mass[2] == pytest.approx(0.0)
+    assert torch.equal(kept.counts, honest.double())
+    lying = honest.clone()
+    lying[0] = torch.tensor([0.0, 0.0, 0.0, 100.0])  # everything claimed for its rarest class
+    lying[1] = torch.tensor([70.0, 10.0, 10.0, 10.0])  # 0.7 of class 0 against 2 x 0.25: 0.2 over
+    checked = checked_class_counts(lying, predicted, cap=2)
+    assert checked.replaced == [0, 1]
+    assert checked.capped_mass[0] == pytest.approx(0.9) and checked.capped_mass[1] == pytest.approx(0.2)
+    # The liars keep their size; their models' predictions stand in for their claims.
+    assert torch.allclose(checked.counts[:2], 100 * predicted[:2])
+    shares = checked.counts / checked.counts.sum(1, keepdim=True)
+    assert bool((shares <= 2 * predicted + 1e-12).all())
+    # Within the tolerance a claim is capped, not replaced.
+    over = honest.clone()
+    over[1] = torch.tensor([55.0, 15.0, 15.0, 15.0])
+    capped = checked_class_counts(over, predicted, cap=2)
+    assert capped.replaced == [] and torch.allclose(capped.counts[1], torch.tensor([50.0, 15.0, 15.0, 15.0],
+                                                                                  dtype=torch.float64))
+    with pytest.raises(ValueError, match="claim cap must be >= 1"):
+        checked_class_counts(honest, predicted, cap=0.5)
