@@ -1,6 +1,7 @@
 import pytest
 import torch
 from timm.layers import Conv2dSame
+from timm.layers.conv2d_same import conv2d_same
 from torch import nn
 
 import models
@@ -42,6 +43,30 @@ def test_projected_conv_equals_the_conv_then_learns_per_channel_pair(conv):
     folded = projected.fold()
     assert type(folded) is type(conv)
     assert torch.allclose(folded(x), projected(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(6, 6, 5, groups=6, padding=2, bias=False),
+    nn.Conv2d(6, 12, 3, groups=6, padding=1),  # depth multiplier 2
+    Conv2dSame(6, 6, 5, stride=2, groups=6, bias=False),
+], ids=["depthwise", "multiplier", "same-stride"])
+@pytest.mark.parametrize("side", [1, 2, 9])
+def test_depthwise_scaling_after_the_conv_matches_the_scaled_kernel_in_values_and_gradients(conv, side):
+    projected = ProjectedConv2d(conv)
+    assert projected.scales_output and not ProjectedConv2d(nn.Conv2d(4, 6, 3, groups=2)).scales_output
+    with torch.no_grad():
+        projected.gamma.uniform_(0.5, 1.5)
+    x = torch.randn(3, 6, side, side, requires_grad=True)
+    out = projected(x)
+    gamma = projected.gamma.detach().clone().requires_grad_(True)
+    scaled = projected.weight * gamma[:, :, None, None]
+    same = conv2d_same if projected.same_padding else nn.functional.conv2d
+    reference = same(x, scaled, projected.bias, projected.stride, projected.padding, projected.dilation, conv.groups)
+    assert torch.allclose(out, reference, atol=1e-6)
+    upstream = torch.randn_like(out)
+    grad_x, grad_gamma = torch.autograd.grad(out, (x, projected.gamma), upstream)
+    ref_x, ref_gamma = torch.autograd.grad(reference, (x, gamma), upstream)
+    assert torch.allclose(grad_x, ref_x, atol=1e-5) and torch.allclose(grad_gamma, ref_gamma, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,options", [
