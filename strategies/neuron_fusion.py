@@ -100,10 +100,10 @@ class NeuronFusion(CheckedMerge):
             [torch.from_numpy(content["attributions"][name].numpy()) for name in self.level_widths]
             for content in contents
         ]
-        # Every client started from the global model: its neurons correspond, no k-means++ restarts.
         fit_part, check_part = self._proxy_split()
         class_weights = None if self.num_classes is None else self._class_weights(valid, client_models, fit_part,
                                                                                     record)
+        # Every client started from the global model: its neurons correspond, no k-means++ restarts.
         fused, report = fuse(client_models, [fit_part], attributions, class_weights=class_weights,
                              restarts=False, refine_steps=self.refine_steps, seed=self.seed + server_round)
         candidates = {"fusion": fused, "average": averaged, **blends(averaged, fused, self.blends)}
