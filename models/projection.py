@@ -41,11 +41,21 @@ class ProjectedConv2d(nn.Conv2d):
         # for the kernel's gradient. oneDNN's depthwise weight gradient on the tiny maps of
         # a backbone's last stages (1x1 and 2x2 at 32 px) took 3/4 of a training step.
         self.scales_output = self.in_channels == self.groups
+        self.centre = _centre_tap(self) if self.scales_output else None
+
 
     def projected_weight(self) -> torch.Tensor:
         return self.weight * self.gamma[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.centre is not None and x.shape[-2:] == (1, 1):
+            # On a 1x1 map 'same' padding leaves the kernel's centre as the only tap that
+            # meets data: a product per channel, where oneDNN's depthwise conv took 0.6 s
+            # on a batch of 500 (1152 channels, 5x5).
+            scale = self.weight[:, 0, self.centre[0], self.centre[1]] * self.gamma[:, 0]
+            source = x.repeat_interleave(self.out_channels // self.in_channels, 1)
+            out = source * scale.view(1, -1, 1, 1)
+            return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
         if self.same_padding:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         if not self.scales_output:
@@ -69,6 +79,17 @@ class ProjectedConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", projected" + (", same" if self.same_padding else "")
+
+
+def _centre_tap(conv: ProjectedConv2d) -> tuple[int, int] | None:
+    """The kernel's centre when the conv pads 'same' with zeros (timm's TF padding, or
+    dilation x (k - 1) / 2 on each side of an odd kernel); else None."""
+    odd = all(k % 2 == 1 for k in conv.kernel_size)
+    symmetric = conv.same_padding or (isinstance(conv.padding, tuple) and all(
+        p == d * (k - 1) // 2 for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size)))
+    if not (odd and symmetric and conv.padding_mode == "zeros"):
+        return None
+    return conv.kernel_size[0] // 2, conv.kernel_size[1] // 2
 
 
 class ProjectedLinear(nn.Linear):

@@ -1,7 +1,8 @@
 """Benchmark: what projection saves (trainable parameters, bytes per update) and what
 its training step costs against plain fine-tuning of the same model, in one run; and
-a local epoch of the projected model on real images, with the depthwise convs scaled
-after the conv (now) and through a scaled kernel (before), in one run.
+a local epoch of the projected model on real images, with the depthwise convs as now
+(output scaled, 1x1 maps by their kernel's centre) and as before (a conv with the scaled
+kernel), in one run.
 
 Times are medians over interleaved repeats (plain, projected, plain, ...), so a noisy
 neighbour slows both sides alike."""
@@ -19,7 +20,9 @@ import data
 import models
 from clients import training
 from clients.task import input_spec
+from simulations.bench_fusion_cost import perturbed_copies
 from simulations.tables import make_console
+from strategies.fusion import fuse
 
 HELP = "projection's sizes and step time against plain fine-tuning"
 
@@ -37,6 +40,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--epoch-images", type=int, default=640,
                         help="Fashion-MNIST images in the timed local epoch (0: skip it)")
     parser.add_argument("--epoch-resolution", type=int, default=32, help="the headline's EfficientNet input side")
+    parser.add_argument("--fusion-models", type=int, default=10,
+                        help="also time fusion of this many projected models, before and now (0: skip)")
 
 
 def _step_fn(model: torch.nn.Module, batch_size: int, resolution: int):
@@ -68,12 +73,12 @@ def step_times(variants: dict[str, torch.nn.Module], batch_size: int, resolution
 
 
 def scaled_kernel(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose projected depthwise convs scale the kernel before the conv, as before
-    they scaled the output after it: the same function, another gradient path."""
+    """A copy whose projected depthwise convs run as they did before: a conv with the
+    scaled kernel, on 1x1 maps too. The same function by another path."""
     before = copy.deepcopy(model)
     for module in before.modules():
         if isinstance(module, models.ProjectedConv2d):
-            module.scales_output = False
+            module.scales_output, module.centre = False, None
     return before
 
 
@@ -90,6 +95,18 @@ def epoch_times(variants: dict[str, torch.nn.Module], images: int, resolution: i
         for name, model in variants.items():
             samples[name].append(training.train(model, loader, epochs=1, lr=0.01)["train_s"])
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def fusion_times(model: torch.nn.Module, count: int, resolution: int, proxy_size: int = 500) -> dict[str, float]:
+    """Seconds of one fusion of `count` perturbed copies of `model` on random proxy
+    images, with the depthwise convs as before and as now."""
+    proxy = torch.randn(proxy_size, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    times = {}
+    for label, variant in (("before", scaled_kernel(model)), ("now", model)):
+        started = time.perf_counter()
+        fuse(perturbed_copies(variant, count), [proxy], None, restarts=False, seed=0)
+        times[label] = time.perf_counter() - started
+    return times
 
 
 def main(args) -> int:
@@ -126,7 +143,7 @@ def main(args) -> int:
         torch.manual_seed(0)
         projected = models.project(models.create("efficientnet-lite0", 10, pretrained=True), pointwise="freeze")
         times = epoch_times({"before: depthwise kernel scaled": scaled_kernel(projected),
-                             "now: depthwise output scaled": projected},
+                             "now: output scaled, centre tap on 1x1": projected},
                             args.epoch_images, args.epoch_resolution, args.batch_size)
         table = Table(title=f"projected efficientnet-lite0: one local epoch, {args.epoch_images} Fashion-MNIST images "
                             f"at {args.epoch_resolution}px, batch {args.batch_size}, {args.threads} thread(s), "
@@ -138,4 +155,9 @@ def main(args) -> int:
             table.add_row(label, f"{seconds:.2f}", f"{slowest / seconds:.2f}x")
         console.print(table)
         console.print("target: the local epoch at least 2x faster than before")
+        if args.fusion_models:
+            fused = fusion_times(projected, args.fusion_models, args.epoch_resolution)
+            console.print(f"fusion of {args.fusion_models} projected models on 500 proxy images at "
+                          f"{args.epoch_resolution}px: before {fused['before']:.1f} s, now {fused['now']:.1f} s "
+                          f"({fused['before'] / fused['now']:.2f}x faster)")
     return 0

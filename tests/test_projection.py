@@ -54,6 +54,10 @@ def test_projected_conv_equals_the_conv_then_learns_per_channel_pair(conv):
 def test_depthwise_scaling_after_the_conv_matches_the_scaled_kernel_in_values_and_gradients(conv, side):
     projected = ProjectedConv2d(conv)
     assert projected.scales_output and not ProjectedConv2d(nn.Conv2d(4, 6, 3, groups=2)).scales_output
+    # On a 1x1 map a 'same'-padded one reads only its kernel's centre; other paddings run the conv.
+    assert projected.centre == (conv.kernel_size[0] // 2,) * 2
+    assert ProjectedConv2d(nn.Conv2d(6, 6, 5, groups=6, padding=1)).centre is None
+    assert ProjectedConv2d(nn.Conv2d(6, 6, 3, groups=6, padding=1, padding_mode="reflect")).centre is None
     with torch.no_grad():
         projected.gamma.uniform_(0.5, 1.5)
     x = torch.randn(3, 6, side, side, requires_grad=True)
