@@ -106,6 +106,21 @@ def _list(config: dict, key: str, kind: type, default=None) -> list:
     return value
 
 
+def _model_slice(table: dict, where: str, strategies: list[str], epochs: list[int]) -> tuple[dict, tuple]:
+    """A [[models]] table may narrow the grid for its model (a slice a slow model can
+    finish): its own `strategies` and `local_epochs` lists, and `splits`, the split
+    labels it runs ("dir0.1", "C2"). Returns the table without them, and the slice."""
+    table = dict(table)
+    own = {key: table.pop(key) for key in ("strategies", "local_epochs", "splits") if key in table}
+    for key, kind in (("strategies", str), ("local_epochs", int), ("splits", str)):
+        if key in own:
+            _list(own, key, kind)
+    unknown = sorted(set(own.get("strategies", [])) - set(strategies))
+    if unknown:
+        raise SettingsError(f"{where}: strategies {unknown} are not in the grid's 'strategies'")
+    return table, (own.get("strategies", strategies), own.get("local_epochs", epochs), own.get("splits"))
+
+
 def load_grid(path: str | Path, out_dir: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
@@ -138,25 +153,37 @@ def load_grid(path: str | Path, out_dir: str | Path) -> Grid:
     out_dir = Path(out_dir) / "runs"
     runs: list[GridRun] = []
     for m, model_table in enumerate(model_list):
-        model_values = _normalise(model_table, f"{path} [[models]] #{m + 1}")
-        for e in epochs:
+        where = f"{path} [[models]] #{m + 1}"
+        model_table, (model_strategies, model_epochs, model_splits) = _model_slice(model_table, where, strategies,
+                                                                                   epochs)
+        model_values = _normalise(model_table, where)
+        for e in model_epochs:
             for seed in seeds:
                 values = {**base, **model_values, "local_epochs": e, "seed": seed}
                 label = f"{values.get('model', TrainTask.model).replace(':', '_')}-e{e}"
                 run_id = f"{label}-{CENTRALISED}-s{seed}"
                 settings = RunSettings.from_mapping({**values, "out": str(out_dir / run_id)})
                 runs.append(GridRun(run_id, f"{label}-union", CENTRALISED, seed, settings))
+            splits_seen = set()
             for p, partition_table in enumerate(partitions):
                 part_values = _normalise(partition_table, f"{path} [[partitions]] #{p + 1}")
-                for strategy in strategies:
+                split = split_label(RunSettings.from_mapping({**base, **model_values, **part_values}).federation)
+                splits_seen.add(split)
+                if model_splits is not None and split not in model_splits:
+                    continue
+                for strategy in model_strategies:
                     for seed in seeds:
                         values = {**base, **model_values, **part_values, **STRATEGY_VARIANTS[strategy],
                                   "local_epochs": e, "seed": seed}
                         probe = RunSettings.from_mapping(values)
-                        setting = f"{label}-{split_label(probe.federation)}{attack_label(probe.task)}"
+                        setting = f"{label}-{split}{attack_label(probe.task)}"
                         run_id = f"{setting}-{strategy}-s{seed}"
                         runs.append(GridRun(run_id, setting, strategy, seed,
                                             RunSettings.from_mapping({**values, "out": str(out_dir / run_id)})))
+            missing = sorted(set(model_splits or ()) - splits_seen)
+            if missing:
+                raise SettingsError(f"{where}: splits {missing} match no [[partitions]] table "
+                                    f"(there are {sorted(splits_seen)})")
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
         raise SettingsError(f"{path}: two grid entries give the same run (same model, split, epochs, strategy, seed)")

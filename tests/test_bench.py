@@ -31,6 +31,12 @@ def _grid_file(tmp_path, text: str) -> Path:
     ('strategies = ["fedavg"]\nseeds = []\n', "'seeds' must be a non-empty list"),
     ('strategies = ["fedavg"]\n[base]\nseed = 1\n', "set by the grid"),
     ('strategies = ["fedavg"\n', "not valid TOML"),
+    ('strategies = ["fedavg"]\n[[models]]\nmodel = "simple-cnn"\nstrategies = ["fedprox"]\n',
+     "strategies ['fedprox'] are not in the grid's 'strategies'"),
+    ('strategies = ["fedavg"]\n[[models]]\nmodel = "simple-cnn"\nsplits = ["dir0.3"]\n',
+     "splits ['dir0.3'] match no [[partitions]] table"),
+    ('strategies = ["fedavg"]\n[[models]]\nmodel = "simple-cnn"\nlocal_epochs = 2\n',
+     "'local_epochs' must be a non-empty list of int"),
 ])
 def test_bad_grid_files_are_refused_before_any_run(tmp_path, text, message):
     with pytest.raises(SettingsError, match=re.escape(message)):
@@ -41,7 +47,11 @@ def test_bad_grid_files_are_refused_before_any_run(tmp_path, text, message):
 def test_grid_expands_strategies_splits_epochs_models_and_seeds(tmp_path):
     grid = load_grid(Path(__file__).parent.parent / "simulations" / "configs" / "fmnist-noniid.toml", tmp_path)
     federated = [r for r in grid.runs if r.strategy != "centralised"]
-    assert len(federated) == 6 * 3 * 2 * 2 * 3 and len(grid.runs) - len(federated) == 2 * 2 * 3
+    # The small CNN: 6 strategies x 3 splits x 2 epoch counts; EfficientNet's slice: 5 x 2 x 1.
+    assert len(federated) == (6 * 3 * 2 + 5 * 2 * 1) * 3 and len(grid.runs) - len(federated) == (2 + 1) * 3
+    effnet_settings = {r.setting for r in federated if r.settings.train_task().model == "efficientnet-lite0"}
+    assert effnet_settings == {"efficientnet-lite0-e1-dir0.1", "efficientnet-lite0-e1-C2"}
+    assert not [r for r in federated if r.settings.train_task().model != "simple-cnn" and r.strategy == "feddf"]
     fedavgm = [r for r in federated if r.strategy == "fedavgm"]
     assert fedavgm and all(r.settings.server_momentum == 0.9 for r in fedavgm)
     uniform = [r for r in federated if r.strategy == "fusion-uniform"]
