@@ -29,7 +29,7 @@ from data.settings import (
 )
 from strategies.checked_merge import CHECKS as FUSION_CHECKS
 from strategies.checked_merge import TRAIN_FROM
-from strategies.fusion.claims import CLAIM_CAP
+from strategies.fusion.claims import CLAIM_CAP, SIZE_CAP
 from strategies.registry import PROXY_STRATEGIES
 
 MIN_FUSION_PROXY = 32
@@ -75,6 +75,10 @@ class RunSettings:
     fusion_claim_cap: float = setting(
         CLAIM_CAP, "believe a client's class histogram only where each claimed share is at most this many times its "
              "model's predicted share on the proxy (else its predictions weigh the head; 0: believe every client)",
+        check=Check(lambda v: v == 0 or v >= 1, "must be 0 (off) or at least 1"), strategies=FUSION)
+    fusion_size_cap: float = setting(
+        SIZE_CAP, "cap each client's claimed example count at this many times the round's median claim, for the "
+                  "average and the class histograms (0: believe every count)",
         check=Check(lambda v: v == 0 or v >= 1, "must be 0 (off) or at least 1"), strategies=FUSION)
     server_lr: float = setting(1.0, "FedAvgM's server learning rate",
                                check=number(0, low_open=True, phrase="must be a positive number"),

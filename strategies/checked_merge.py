@@ -97,7 +97,11 @@ class CheckedMerge(RecordedRounds, FedAvg):
     def clients_and_average(self, contents: list) -> tuple[list[nn.Module], nn.Module]:
         """The valid replies' models, in partition order, and their example-weighted average."""
         client_models = [models.with_state(self.template, content["arrays"]) for content in contents]
-        return client_models, average_models(client_models, [c["metrics"]["num-examples"] for c in contents])
+        return client_models, average_models(client_models, self.example_weights(contents))
+
+    def example_weights(self, contents: list) -> list[float]:
+        """What the average weighs each reply by: its example count, as FedAvg does."""
+        return [c["metrics"]["num-examples"] for c in contents]
 
     def _proxy_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Check "proxy": a fixed, seeded fifth of the proxy set is kept out of the merge."""

@@ -18,7 +18,7 @@ from torch import nn
 import models
 from strategies.checked_merge import CheckedMerge
 from strategies.fusion import average_models, fuse
-from strategies.fusion.claims import CLAIM_CAP, checked_class_counts, predicted_shares
+from strategies.fusion.claims import CLAIM_CAP, SIZE_CAP, capped_sizes, checked_class_counts, predicted_shares
 from strategies.messages import array_record
 from strategies.recording import RoundRecord
 from strategies.validation import reply_problem
@@ -40,7 +40,8 @@ class NeuronFusion(CheckedMerge):
     send their class histogram and the head's target weighs each model's logit of a
     class by its share of that class's samples; `claim_cap` > 0 first checks each
     histogram against the model's own predictions (strategies.fusion.claims; 0 believes
-    the clients). `fusion_rounds`: when > 0, rounds after
+    the clients). `size_cap` > 0 caps each example count at that many times the round's
+    median claim, for the average and the histograms (0: believed). `fusion_rounds`: when > 0, rounds after
     the first `fusion_rounds` send FedAvg's weighted average, unfused and unchecked, and
     ask the clients for neither attributions nor class histograms. `refine_steps`: the
     engine's end-to-end refinement of the fused model (0: none). `train_from`: "global"
@@ -55,7 +56,7 @@ class NeuronFusion(CheckedMerge):
     def __init__(self, template: nn.Module, proxy: torch.Tensor, attribution: str = "gradxact",
                  num_classes: int | None = None, seed: int = 0, check: str = "clients", check_samples: int = 500,
                  fusion_rounds: int = 0, refine_steps: int = 0, train_from: str = "global", blends: int = 1,
-                 claim_cap: float = CLAIM_CAP, **flower_kwargs):
+                 claim_cap: float = CLAIM_CAP, size_cap: float = SIZE_CAP, **flower_kwargs):
         super().__init__(template, proxy, seed, check, check_samples, train_from, **flower_kwargs)
         self.attribution = attribution
         self.num_classes = num_classes
@@ -64,6 +65,7 @@ class NeuronFusion(CheckedMerge):
         self.refine_steps = refine_steps
         self.blends = blends
         self.claim_cap = claim_cap
+        self.size_cap = size_cap
         self._fusing = True  # whether this round's replies are fused (set per round)
 
     def fuses(self, server_round: int) -> bool:
@@ -81,6 +83,10 @@ class NeuronFusion(CheckedMerge):
         return reply_problem(content, self._expected, attribution_widths=self.level_widths if scored else None,
                              num_classes=self.num_classes if self._fusing else None)
 
+    def example_weights(self, contents: list) -> list[float]:
+        claimed = super().example_weights(contents)
+        return capped_sizes(claimed, self.size_cap) if self.size_cap else claimed
+
     def aggregate_valid(self, server_round: int, valid: list[Message], record: RoundRecord):
         contents = [msg.content for msg in valid]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
@@ -92,6 +98,10 @@ class NeuronFusion(CheckedMerge):
             record.extra["fusion_s"] = 0.0
             return contents[0]["arrays"], metrics
         client_models, averaged = self.clients_and_average(contents)
+        sizes = self.example_weights(contents)
+        if self.size_cap:
+            record.extra["sizes_capped"] = [self._partition(msg) for msg, size in zip(valid, sizes)
+                                            if size < msg.content["metrics"]["num-examples"]]
         if not self.fuses(server_round):
             # Past its fusion rounds the server is FedAvg.
             record.extra.update(fusion_s=0.0, selected="average")
@@ -101,8 +111,8 @@ class NeuronFusion(CheckedMerge):
             for content in contents
         ]
         fit_part, check_part = self._proxy_split()
-        class_weights = None if self.num_classes is None else self._class_weights(valid, client_models, fit_part,
-                                                                                    record)
+        class_weights = None if self.num_classes is None else self._class_weights(valid, sizes, client_models,
+                                                                                    fit_part, record)
         # Every client started from the global model: its neurons correspond, no k-means++ restarts.
         fused, report = fuse(client_models, [fit_part], attributions, class_weights=class_weights,
                              restarts=False, refine_steps=self.refine_steps, seed=self.seed + server_round)
@@ -123,11 +133,13 @@ class NeuronFusion(CheckedMerge):
         )
         return array_record(models.exchanged_state(candidates[selected])), metrics
 
-    def _class_weights(self, valid: list[Message], client_models: list[nn.Module], proxy: torch.Tensor,
-                       record: RoundRecord) -> torch.Tensor:
-        """The clients' class histograms, checked against their models when `claim_cap` is
-        set; the round's record names the partitions whose histogram was not believed."""
+    def _class_weights(self, valid: list[Message], sizes: list[float], client_models: list[nn.Module],
+                       proxy: torch.Tensor, record: RoundRecord) -> torch.Tensor:
+        """The clients' class histograms, scaled to their (capped) `sizes` and checked
+        against their models when `claim_cap` is set; the round's record names the
+        partitions whose histogram was not believed."""
         claimed = torch.tensor([msg.content["class-counts"]["counts"] for msg in valid], dtype=torch.float64)
+        claimed *= torch.tensor(sizes, dtype=torch.float64)[:, None] / claimed.sum(1, keepdim=True).clamp_min(1)
         if not self.claim_cap:
             return claimed
         checked = checked_class_counts(claimed, predicted_shares(client_models, proxy), self.claim_cap)

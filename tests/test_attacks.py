@@ -14,7 +14,7 @@ from clients.task import TrainTask
 from server.results import read_jsonl
 from server.settings import RunSettings, SettingsError
 from simulations.simulate import simulate
-from strategies.fusion.claims import checked_class_counts
+from strategies.fusion.claims import capped_sizes, checked_class_counts
 from strategies.messages import array_record
 from strategies.recording import OUTLIER_FACTOR
 from strategies.validation import reply_problem
@@ -179,3 +179,11 @@ def test_a_lie_counts_claim_cannot_move_the_head_class_weights_past_the_cap():
                                                                                   dtype=torch.float64))
     with pytest.raises(ValueError, match="claim cap must be >= 1"):
         checked_class_counts(honest, predicted, cap=0.5)
+
+
+def test_a_lie_size_claim_is_capped_at_a_multiple_of_the_median_claim():
+    # Median 2500: a 10x claim of 30000 counts as 4 x 2500; honest spreads pass untouched.
+    assert capped_sizes([1000, 2000, 3000, 30000], cap=4) == [1000.0, 2000.0, 3000.0, 10000.0]
+    assert capped_sizes([938, 3975, 12707, 5347], cap=4) == [938.0, 3975.0, 12707.0, 5347.0]
+    with pytest.raises(ValueError, match="size cap must be >= 1"):
+        capped_sizes([1, 2], cap=0.5)

@@ -375,3 +375,21 @@ def test_a_lie_counts_client_is_caught_and_its_models_predictions_weigh_the_head
     # 0.76 clean when measured); checked, the round is as good as a clean one.
     assert accuracy["defended"] > accuracy["fooled"] + 0.1
     assert accuracy["defended"] > accuracy["clean"] - 0.03
+
+
+def test_a_lie_size_client_weighs_no_more_than_the_cap_in_the_average_and_the_head(round_one):
+    template, proxy, test, updates = round_one
+    liar = attacks.attack_update(updates[0], models.exchanged_state(template), "lie-size", seed=0, server_round=1,
+                                 partition_id=0)
+    replies = [_message(0, liar)] + [_message(p, u) for p, u in enumerate(updates) if p]
+    strategy = _strategy(template, proxy, fusion_check="off")  # the default cap, 4x the median claim
+    strategy.aggregate_train(1, replies)
+    assert strategy.current.extra["sizes_capped"] == [0]
+    claimed = [r.content["metrics"]["num-examples"] for r in replies]
+    weights = strategy.example_weights([r.content for r in replies])
+    assert weights[0] == 4 * float(np.median(claimed)) < claimed[0] and weights[1:] == claimed[1:]
+    honest = _strategy(template, proxy, fusion_check="off")
+    honest.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
+    assert honest.current.extra["sizes_capped"] == []
+    believing = _strategy(template, proxy, fusion_check="off", fusion_size_cap=0)
+    assert believing.example_weights([r.content for r in replies]) == claimed
