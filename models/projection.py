@@ -43,7 +43,6 @@ class ProjectedConv2d(nn.Conv2d):
         self.scales_output = self.in_channels == self.groups
         self.centre = _centre_tap(self) if self.scales_output else None
 
-
     def projected_weight(self) -> torch.Tensor:
         return self.weight * self.gamma[:, :, None, None]
 
