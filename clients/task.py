@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import models
 from clients.attacks import ATTACK_KINDS
 from clients.faults import POISON_KINDS
+from clients.training import NORM_STATS
 from data import FederationSpec, InputSpec
 from data.settings import Check, from_flat, internal, nested, number, setting, to_flat, whole
 from strategies.fusion.attribution import METHODS as ATTRIBUTION_METHODS
@@ -38,6 +39,10 @@ class TrainTask:
     lr: float = setting(0.01, "local SGD learning rate", check=number(0, low_open=True, phrase="must be a positive number"))
     momentum: float = setting(0.9, "local SGD momentum", check=number(0, 1, high_open=True))
     weight_decay: float = setting(0.0, "local SGD weight decay", check=number(0, phrase="must be >= 0"))
+    norm_stats: str = setting("batch", "how BatchNorm normalises in local training: batch (each batch's statistics; "
+                                       "the running ones are averaged like weights) or frozen (the global model's "
+                                       "running statistics, never updated by clients); without the flag, frozen "
+                                       "for pretrained backbones", choices=NORM_STATS)
     client_cpus: float = setting(1.0, "CPUs Ray reserves per client (and its torch threads)",
                                  check=number(0, low_open=True, phrase="must be positive"))
     attribution: str = setting("gradxact", "how clients score their neurons on their shard (captum): gradxact, "

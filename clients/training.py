@@ -10,17 +10,28 @@ import time
 import torch
 from torch import nn
 
+NORM_STATS = ("batch", "frozen")
+
 
 def train(
     model: nn.Module, loader, epochs: int, lr: float, momentum: float = 0.9,
     weight_decay: float = 0.0, proximal_mu: float = 0.0, device: str | torch.device = "cpu",
+    norm_stats: str = "batch",
 ) -> dict:
     """SGD with momentum for `epochs` passes over `loader`.
+
+    norm_stats "frozen": BatchNorm layers normalise with the running statistics the model
+    came with and never update them (their affine weights still train); "batch": each
+    batch's own statistics, as in plain training mode.
 
     With proximal_mu > 0 this is FedProx's local objective: the loss plus
     mu/2 * ||w - w_global||^2 over the trainable weights, w_global being the weights
     the model had on entry."""
     model.to(device, memory_format=torch.channels_last).train()
+    if norm_stats == "frozen":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -136,12 +136,15 @@ class RunSettings:
     @classmethod
     def from_mapping(cls, values, strict: bool = True) -> "RunSettings":
         """From flat settings (kebab- or snake-case keys: CLI flags, a grid file, Flower's
-        run config). Without a `projection` key, projection is on for pretrained backbones."""
+        run config). Without a `projection` key, projection is on for pretrained backbones;
+        without a `norm_stats` key, their BatchNorm statistics are frozen."""
         settings = from_flat(cls, values, strict)
         names = {key.replace("-", "_") for key in values}
+        pretrained = pretrained_backbone(settings.task.model, settings.task.pretrained)
         if "projection" not in names:
-            settings = replace(settings, task=replace(settings.task, projection=default_projection(
-                settings.task.model, settings.task.pretrained)))
+            settings = replace(settings, task=replace(settings.task, projection=pretrained))
+        if "norm_stats" not in names:
+            settings = replace(settings, task=replace(settings.task, norm_stats="frozen" if pretrained else "batch"))
         return settings
 
     def to_dict(self) -> dict:
@@ -229,13 +232,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def flwr_run_config() -> dict:
     """The settings `flwr run .` takes in [tool.flwr.app.config], at their defaults
-    (projection is left out: without it, it follows the model)."""
+    (projection and norm-stats are left out: without them, they follow the model)."""
     return {name.replace("_", "-"): f.default for name, f, _ in declared(RunSettings)
-            if f.metadata["flwr"] and name != "projection"}
+            if f.metadata["flwr"] and name not in ("projection", "norm_stats")}
 
 
-def default_projection(model: str, pretrained: bool) -> bool:
-    """Projection is the default for pretrained backbones, off for models from scratch."""
+def pretrained_backbone(model: str, pretrained: bool) -> bool:
+    """Whether the model is a pretrained backbone: projection and frozen BatchNorm
+    statistics are then the defaults, both off for models trained from scratch."""
     return bool(pretrained and models.info(model).pretrained)
 
 

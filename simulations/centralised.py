@@ -37,7 +37,8 @@ def run_centralised(settings: RunSettings) -> dict:
     history = [{"round": 0, "accuracy": result["accuracy"], "loss": result["loss"]}]
     for server_round in range(1, settings.rounds + 1):  # a "round" = local_epochs passes over the union
         round_started = time.perf_counter()
-        training.train(model, loader, task.local_epochs, task.lr, task.momentum, task.weight_decay)
+        training.train(model, loader, task.local_epochs, task.lr, task.momentum, task.weight_decay,
+                       norm_stats=task.norm_stats)
         result = training.evaluate(model, test)
         row = {"round": server_round, "accuracy": result["accuracy"], "loss": result["loss"], "bytes_up": 0,
                "bytes_down": 0, "aggregate_s": 0.0, "round_s": time.perf_counter() - round_started}

@@ -41,6 +41,32 @@ def test_fedprox_term_keeps_local_weights_closer_to_the_global_ones():
     assert drift(1.0) < 0.5 * drift(0.0)
 
 
+def test_frozen_norm_stats_keep_the_running_statistics_while_the_affine_weights_train():
+    train_loader, _ = _loader(n=256)
+    torch.manual_seed(0)
+    start = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+
+    def trained(norm_stats):
+        model = copy.deepcopy(start)
+        training.train(model, train_loader, epochs=1, lr=0.05, norm_stats=norm_stats)
+        return model[1]
+
+    frozen, batch = trained("frozen"), trained("batch")
+    assert torch.equal(frozen.running_mean, start[1].running_mean) and torch.equal(frozen.running_var, start[1].running_var)
+    assert frozen.num_batches_tracked.item() == 0 and not torch.equal(frozen.weight, start[1].weight)
+    assert (batch.running_mean - start[1].running_mean).abs().max() > 1e-3 and batch.num_batches_tracked.item() == 8
+
+
+def test_pretrained_backbones_freeze_their_norm_statistics_unless_told_otherwise():
+    from server.settings import RunSettings
+
+    assert RunSettings.from_mapping({"model": "efficientnet-lite0"}).task.norm_stats == "frozen"
+    assert RunSettings.from_mapping({"model": "efficientnet-lite0", "pretrained": False}).task.norm_stats == "batch"
+    assert RunSettings.from_mapping({"model": "simple-cnn"}).task.norm_stats == "batch"
+    assert RunSettings.from_mapping({"model": "efficientnet-lite0", "norm-stats": "batch"}).task.norm_stats == "batch"
+
+
 def test_train_task_round_trips_through_a_flat_config():
     task = TrainTask(federation=data.FederationSpec(dataset="digits", alpha=0.1, clients=7), lr=0.2, local_epochs=3)
     config = task.to_config()
