@@ -17,7 +17,7 @@ from torch import nn
 
 import models
 from strategies.checked_merge import CheckedMerge
-from strategies.fusion import average_models, fuse
+from strategies.fusion import average_models, fuse, restate_norm_statistics
 from strategies.fusion.claims import CLAIM_CAP, SIZE_CAP, capped_sizes, checked_class_counts, predicted_shares
 from strategies.messages import array_record
 from strategies.recording import RoundRecord
@@ -116,6 +116,8 @@ class NeuronFusion(CheckedMerge):
         # Every client started from the global model: its neurons correspond, no k-means++ restarts.
         fused, report = fuse(client_models, [fit_part], attributions, class_weights=class_weights,
                              restarts=False, refine_steps=self.refine_steps, seed=self.seed + server_round)
+        if self._task_config.get("norm-stats") == "frozen":  # the clients' statistics, which they never update
+            restate_norm_statistics(fused, averaged)
         candidates = {"fusion": fused, "average": averaged, **blends(averaged, fused, self.blends)}
         selected, figures = self.choose(server_round, valid, client_models, candidates, check_part, record)
         self.next_training_start(averaged)

@@ -393,3 +393,40 @@ def test_a_lie_size_client_weighs_no_more_than_the_cap_in_the_average_and_the_he
     assert honest.current.extra["sizes_capped"] == []
     believing = _strategy(template, proxy, fusion_check="off", fusion_size_cap=0)
     assert believing.example_weights([r.content for r in replies]) == claimed
+
+
+def test_with_frozen_norm_statistics_the_fused_model_keeps_the_clients_statistics():
+    """Clients that never update BatchNorm statistics get a fused model in their
+    coordinates: the global statistics, the fused function unchanged."""
+    torch.manual_seed(0)
+    template = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 5), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.MaxPool2d(4), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10))
+    federation = data.build_federation(SPEC)
+    spec = TrainTask(federation=SPEC).input_spec(federation.data)
+    proxy = torch.cat(list(data.BatchLoader(federation.proxy_images(), None, spec, 256)))
+    template.train()(proxy)  # statistics that are not the proxy's own, as pretrained ones are not
+    template.eval()
+    replies = []
+    for partition in range(2):
+        images, labels = federation.client_data(partition)
+        model = copy.deepcopy(template)
+        training.train(model, data.BatchLoader(images, labels, spec, 64, shuffle=True, seed=partition), 1, 0.05,
+                       norm_stats="frozen")
+        update = type("Update", (), {"state": models.exchanged_state(model), "attributions": {},
+                                     "metrics": {"num-examples": len(labels), "partition-id": partition, "loss": 0.5},
+                                     "class_counts": np.bincount(labels, minlength=10).tolist()})
+        replies.append(_message(partition, update, attributions=True))
+
+    def fused(norm_stats):
+        strategy = _strategy(template, proxy, attribution="uniform", fusion_check="off")
+        strategy._task_config = TrainTask(federation=SPEC, norm_stats=norm_stats).to_config()
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return _load(template, {k: v.numpy() for k, v in arrays.items()})
+
+    restated, as_fitted = fused("frozen"), fused("batch")
+    norm = restated[1]
+    assert torch.equal(norm.running_mean, template[1].running_mean)
+    assert torch.equal(norm.running_var, template[1].running_var)
+    assert (as_fitted[1].running_mean - template[1].running_mean).abs().max() > 1e-3  # the fit re-estimated them
+    with torch.no_grad():
+        assert torch.allclose(restated.eval()(proxy), as_fitted.eval()(proxy), atol=1e-4)

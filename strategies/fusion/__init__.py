@@ -1,6 +1,14 @@
 """Neuron-centric fusion with attribution-weighted matching: plain PyTorch, no flwr."""
 
 from strategies.fusion.attribution import METHODS, neuron_attributions
-from strategies.fusion.engine import FusionError, average_models, fuse, head_targets, reestimate_batchnorm
+from strategies.fusion.engine import (
+    FusionError,
+    average_models,
+    fuse,
+    head_targets,
+    reestimate_batchnorm,
+    restate_norm_statistics,
+)
 
-__all__ = ["METHODS", "FusionError", "average_models", "fuse", "head_targets", "neuron_attributions", "reestimate_batchnorm"]
+__all__ = ["METHODS", "FusionError", "average_models", "fuse", "head_targets", "neuron_attributions",
+           "reestimate_batchnorm", "restate_norm_statistics"]

@@ -91,6 +91,25 @@ def reestimate_batchnorm(module: nn.Module, x: torch.Tensor, batch_size: int = 2
         m.momentum = momentum
 
 
+@torch.no_grad()
+def restate_norm_statistics(module: nn.Module, reference: nn.Module) -> None:
+    """Give each BatchNorm of `module` the running statistics of its namesake in
+    `reference`, with its weight and bias changed so that its output in eval mode stays the
+    same. Clients that never update the statistics then train every merged model in the
+    same coordinates: the step SGD takes on the weight depends on the variance it divides by."""
+    references = dict(reference.named_modules())
+    for name, norm in module.named_modules():
+        if not (isinstance(norm, _NORMS) and norm.track_running_stats and norm.affine):
+            continue
+        source = references[name]
+        scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
+        offset = norm.bias.double() - scale * norm.running_mean.double()
+        norm.running_mean.copy_(source.running_mean)
+        norm.running_var.copy_(source.running_var)
+        norm.weight.copy_((scale * (norm.running_var.double() + norm.eps).sqrt()).to(norm.weight.dtype))
+        norm.bias.copy_((offset + scale * norm.running_mean.double()).to(norm.bias.dtype))
+
+
 def _free_layer(probe: nn.Module) -> bool:
     """A plain Conv/Linear whose weights all train: it can take any matched function."""
     return (isinstance(probe, (nn.Conv2d, nn.Linear)) and not isinstance(probe, (ProjectedConv2d, ProjectedLinear))
