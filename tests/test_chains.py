@@ -123,3 +123,20 @@ def test_fixed_channel_targets_are_the_attribution_weighted_channel_means():
     assert torch.allclose(matching.targets[:, 1], (3 * a[:, 1] + b[:, 1]) / 4, atol=1e-6)
     assert torch.equal(matching.targets[:, 2], fused[:, 2])  # no weight anywhere: it keeps its output
     assert matching.moved == 0 and matching.init == "identity"
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_on_a_1x1_map_the_depthwise_equations_take_the_kernel_centre_as_the_conv_would(multiplier):
+    from models.projection import ProjectedConv2d
+    from strategies.fusion.fitting import _projected_conv_equations
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    conv = ProjectedConv2d(Conv2dSame(6, 6 * multiplier, 5, stride=2, groups=6)).double()
+    assert conv.centre == (2, 2)
+    x, y = torch.randn(70, 6, 1, 1, dtype=torch.float64), torch.randn(70, 6 * multiplier, 1, 1, dtype=torch.float64)
+    through_the_conv = copy.deepcopy(conv)
+    through_the_conv.centre = None
+    for shortcut, full in zip(_projected_conv_equations(conv, x, y, bias=True),
+                              _projected_conv_equations(through_the_conv, x, y, bias=True)):
+        assert torch.allclose(shortcut, full, rtol=1e-10, atol=1e-12)

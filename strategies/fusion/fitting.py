@@ -135,17 +135,25 @@ def _projected_conv_equations(conv: ProjectedConv2d, x: torch.Tensor, y: torch.T
     regression on the responses of its frozen per-input-channel kernels, computed for
     all (i, c) pairs of all groups in one conv with one group per input channel.
     `bias` adds the b_c column (default: when the conv has a bias)."""
-    x, padding = _padded(conv, x)
+    # On a 1x1 map only the kernel's centre meets data (ProjectedConv2d.forward): a product
+    # per channel, where the double-precision depthwise conv took a third of the fit.
+    centre = conv.centre if x.shape[-2:] == (1, 1) else None
+    if centre is None:
+        x, padding = _padded(conv, x)
     groups, out = conv.groups, conv.out_channels
     in_g, out_g = conv.in_channels // groups, out // groups
     bias = conv.bias is not None if bias is None else bias
     # Filter (j, c) of input channel j = g * in_g + i is W[g * out_g + c, i].
     weight = conv.weight.reshape(groups, out_g, in_g, *conv.kernel_size).transpose(1, 2)
-    weight = weight.reshape(conv.in_channels * out_g, 1, *conv.kernel_size)
+    weight = weight.reshape(conv.in_channels * out_g, 1, *conv.kernel_size).to(x.dtype)
     gram = torch.zeros(out, in_g + bias, in_g + bias, dtype=x.dtype)
     rhs = torch.zeros(out, in_g + bias, dtype=x.dtype)
     for part in _chunks(len(x), 32):
-        responses = F.conv2d(x[part], weight, None, conv.stride, padding, conv.dilation, conv.in_channels)
+        if centre is not None:
+            taps = weight[:, 0, centre[0], centre[1]].view(1, -1, 1, 1)
+            responses = x[part].repeat_interleave(out_g, 1) * taps
+        else:
+            responses = F.conv2d(x[part], weight, None, conv.stride, padding, conv.dilation, conv.in_channels)
         b = responses.shape[0]
         # (b, groups, in_g, out_g, P) -> (b, in_g, out, P), output channel g * out_g + c.
         z = responses.reshape(b, groups, in_g, out_g, -1).transpose(1, 2).reshape(b, in_g, out, -1)
