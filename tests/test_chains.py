@@ -127,9 +127,10 @@ def test_fixed_channel_targets_are_the_attribution_weighted_channel_means():
 
 @pytest.mark.parametrize("multiplier", [1, 2])
 def test_on_a_1x1_map_the_depthwise_equations_take_the_kernel_centre_as_the_conv_would(multiplier):
+    from timm.layers import Conv2dSame
+
     from models.projection import ProjectedConv2d
     from strategies.fusion.fitting import _projected_conv_equations
-    from timm.layers import Conv2dSame
 
     torch.manual_seed(0)
     conv = ProjectedConv2d(Conv2dSame(6, 6 * multiplier, 5, stride=2, groups=6)).double()
