@@ -12,7 +12,7 @@ import data
 import models
 import strategies
 from clients import attacks, training
-from clients.local_update import check_candidates, local_update
+from clients.local_update import ClientUpdate, check_candidates, local_update
 from clients.task import TrainTask
 from strategies.neuron_fusion import blends
 
@@ -412,9 +412,9 @@ def test_with_frozen_norm_statistics_the_fused_model_keeps_the_clients_statistic
         model = copy.deepcopy(template)
         training.train(model, data.BatchLoader(images, labels, spec, 64, shuffle=True, seed=partition), 1, 0.05,
                        norm_stats="frozen")
-        update = type("Update", (), {"state": models.exchanged_state(model), "attributions": {},
-                                     "metrics": {"num-examples": len(labels), "partition-id": partition, "loss": 0.5},
-                                     "class_counts": np.bincount(labels, minlength=10).tolist()})
+        update = ClientUpdate(models.exchanged_state(model), {"num-examples": len(labels), "partition-id": partition,
+                                                              "loss": 0.5},
+                              attributions={}, class_counts=np.bincount(labels, minlength=10).tolist())
         replies.append(_message(partition, update, attributions=True))
 
     def fused(norm_stats):
