@@ -137,8 +137,7 @@ def fit_stage(stage: Stage, x: torch.Tensor, target: torch.Tensor, ridge: float 
         return False
     work = _double_copy(conv)
     # The stage now, in the solution's terms (norm folded in): the prior the fit shrinks to.
-    scale_now = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
-    offset_now = norm.bias.double() - scale_now * norm.running_mean.double()
+    scale_now, offset_now = folded_norm(norm)
     if kind is not None and conv.bias is not None:  # trainable convs are solved without their bias
         offset_now = offset_now + scale_now * conv.bias.double()
     if kind == "projected":
@@ -182,12 +181,25 @@ def fit_stage(stage: Stage, x: torch.Tensor, target: torch.Tensor, ridge: float 
         conv.bias.zero_()
     # BatchNorm statistics of the new conv output on x, then weight and bias such that
     # norm(conv(x)) = scale * conv(x) + offset.
-    mean, var = _channel_stats(conv, x)
+    set_folded_norm(norm, scale, offset, *_channel_stats(conv, x))
+    return True
+
+
+def folded_norm(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BatchNorm in eval mode as scale * x + offset per channel (double)."""
+    scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
+    return scale, norm.bias.double() - scale * norm.running_mean.double()
+
+
+@torch.no_grad()
+def set_folded_norm(norm: nn.modules.batchnorm._BatchNorm, scale: torch.Tensor, offset: torch.Tensor,
+                    mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Give the BatchNorm running statistics `mean` and `var`, and the weight and bias
+    that make it scale * x + offset in eval mode."""
     norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
     norm.running_var.copy_(var.to(norm.running_var.dtype))
     norm.weight.copy_((scale * (var + norm.eps).sqrt()).to(norm.weight.dtype))
     norm.bias.copy_((offset + scale * mean).to(norm.bias.dtype))
-    return True
 
 
 @torch.no_grad()

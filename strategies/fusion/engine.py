@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models import Level, ProjectedConv2d, ProjectedLinear, levels
-from strategies.fusion.chains import Chain, conv_norm_chain, fit_chain
+from strategies.fusion.chains import Chain, conv_norm_chain, fit_chain, folded_norm, set_folded_norm
 from strategies.fusion.fitting import closed_form_fit, gradient_fit
 from strategies.fusion.matching import Matching, match_level
 
@@ -102,12 +102,7 @@ def restate_norm_statistics(module: nn.Module, reference: nn.Module) -> None:
         if not (isinstance(norm, _NORMS) and norm.track_running_stats and norm.affine):
             continue
         source = references[name]
-        scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
-        offset = norm.bias.double() - scale * norm.running_mean.double()
-        norm.running_mean.copy_(source.running_mean)
-        norm.running_var.copy_(source.running_var)
-        norm.weight.copy_((scale * (norm.running_var.double() + norm.eps).sqrt()).to(norm.weight.dtype))
-        norm.bias.copy_((offset + scale * norm.running_mean.double()).to(norm.bias.dtype))
+        set_folded_norm(norm, *folded_norm(norm), source.running_mean.double(), source.running_var.double())
 
 
 def _free_layer(probe: nn.Module) -> bool:
