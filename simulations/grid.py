@@ -30,16 +30,21 @@ from server.settings import RunSettings, SettingsError
 from simulations.centralised import CENTRALISED
 
 # Strategy labels of a grid: a Flower strategy plus the settings that make the variant.
+_PLAIN = {"fusion_train_from": "global", "fusion_refine_steps": 0, "fusion_blends": 1}
 STRATEGY_VARIANTS = {
     "fedavg": {"strategy": "fedavg"},
     "fedprox": {"strategy": "fedprox"},
+    # fusion's defaults: clients on FedAvg's trajectory, the fused model refined, and 3 blends
+    # of it and the average offered to the clients' check.
     "fusion": {"strategy": "fusion"},
     "fusion-uniform": {"strategy": "fusion", "attribution": "uniform"},
-    "fusion-then-fedavg": {"strategy": "fusion", "fusion_rounds": 1},  # fusion's head start, then FedAvg
-    "fusion-refined": {"strategy": "fusion", "fusion_refine_steps": 2000},  # fitted, then trained to its target
+    # The first policy: clients train from what went out, the fitted model unrefined, no blends.
+    "fusion-plain": {"strategy": "fusion", **_PLAIN},
+    "fusion-plain-uniform": {"strategy": "fusion", "attribution": "uniform", **_PLAIN},
+    "fusion-then-fedavg": {"strategy": "fusion", "fusion_rounds": 1, **_PLAIN},  # fusion's head start, then FedAvg
     # Clients on FedAvg's trajectory; the fused model goes out where the check prefers it.
-    "fusion-from-average": {"strategy": "fusion", "fusion_train_from": "average"},
-    # ... with the fused model refined, and 3 blends of it and the average for the check.
+    "fusion-from-average": {"strategy": "fusion", **_PLAIN, "fusion_train_from": "average"},
+    # ... with the fused model refined, and 3 blends of it and the average for the check: the defaults.
     "fusion-blended": {"strategy": "fusion", "fusion_train_from": "average", "fusion_refine_steps": 2000,
                        "fusion_blends": 4},
     "fedavgm": {"strategy": "fedavgm", "server_momentum": 0.9},  # the usual choice (Hsu et al., arXiv 1909.06335)

@@ -47,8 +47,8 @@ def test_bad_grid_files_are_refused_before_any_run(tmp_path, text, message):
 def test_grid_expands_strategies_splits_epochs_models_and_seeds(tmp_path):
     grid = load_grid(Path(__file__).parent.parent / "simulations" / "configs" / "fmnist-noniid.toml", tmp_path)
     federated = [r for r in grid.runs if r.strategy != "centralised"]
-    # The small CNN: 6 strategies x 3 splits x 2 epoch counts; EfficientNet's slice: 5 x 2 x 1.
-    assert len(federated) == (6 * 3 * 2 + 5 * 2 * 1) * 3 and len(grid.runs) - len(federated) == (2 + 1) * 3
+    # The small CNN: 8 strategies x 3 splits x 2 epoch counts; EfficientNet's slice: 5 x 2 x 1.
+    assert len(federated) == (8 * 3 * 2 + 5 * 2 * 1) * 3 and len(grid.runs) - len(federated) == (2 + 1) * 3
     effnet_settings = {r.setting for r in federated if r.settings.train_task().model == "efficientnet-lite0"}
     assert effnet_settings == {"efficientnet-lite0-e1-dir0.1", "efficientnet-lite0-e1-C2"}
     assert not [r for r in federated if r.settings.train_task().model != "simple-cnn" and r.strategy == "feddf"]
@@ -56,11 +56,14 @@ def test_grid_expands_strategies_splits_epochs_models_and_seeds(tmp_path):
     assert fedavgm and all(r.settings.server_momentum == 0.9 for r in fedavgm)
     uniform = [r for r in federated if r.strategy == "fusion-uniform"]
     assert all(r.settings.strategy == "fusion" and r.settings.train_task().attribution == "uniform" for r in uniform)
+    # EfficientNet's fusion is unrefined here (the CPU's minutes), the small CNN's refined.
+    refine = {(r.settings.model, r.settings.fusion_refine_steps) for r in federated if r.strategy == "fusion"}
+    assert refine == {("simple-cnn", 2000), ("efficientnet-lite0", 0)}
     effnet = [r.settings.train_task() for r in grid.runs if r.settings.train_task().model == "efficientnet-lite0"]
     assert effnet and all(task.projection and task.resolution == 32 for task in effnet)
     # Same seed, same split: every strategy runs on the same partition.
     same = [r.settings.federation for r in federated if r.setting == "simple-cnn-e1-dir0.1" and r.seed == 1]
-    assert len(same) == 6 and len(set(same)) == 1
+    assert len(same) == 8 and len(set(same)) == 1
 
 
 @pytest.mark.parametrize("config", sorted((SMOKE.parent).glob("*.toml")), ids=lambda path: path.stem)
@@ -69,11 +72,12 @@ def test_every_shipped_grid_loads_and_few_round_runs_its_rivals(tmp_path, config
     assert grid.runs and all(r.settings.rounds >= 1 for r in grid.runs)
     if config.stem == "few-round":
         strategies = {r.strategy for r in grid.runs}
-        assert {"fedavg", "fedprox", "fedavgm", "feddf", "fusion", "fusion-uniform", "fusion-blended"} <= strategies
+        assert {"fedavg", "fedprox", "fedavgm", "feddf", "fusion", "fusion-uniform", "fusion-plain"} <= strategies
         assert {(r.settings.rounds, r.settings.train_task().local_epochs) for r in grid.runs if r.strategy != "centralised"} == {(3, 20)}
-        blended = [r.settings for r in grid.runs if r.strategy == "fusion-blended"]
-        assert blended and all(s.fusion_refine_steps > 0 and s.fusion_blends > 1 and s.fusion_train_from == "average"
-                               for s in blended)
+        policies = {r.strategy: (r.settings.fusion_train_from, r.settings.fusion_refine_steps > 0, r.settings.fusion_blends)
+                    for r in grid.runs if r.strategy.startswith("fusion")}
+        assert policies == {"fusion": ("average", True, 4), "fusion-uniform": ("average", True, 4),
+                            "fusion-plain": ("global", False, 1)}
     if config.stem == "byzantine":
         settings = {r.setting for r in grid.runs if r.strategy != "centralised"}
         assert "simple-cnn-e1-dir0.1" in settings and "simple-cnn-e1-dir0.1-sign-flip-x2" in settings
@@ -99,9 +103,10 @@ def test_only_runs_the_matching_slice_of_the_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_run_one", lambda run: calls.append(run.run_id))
     headline = str(SMOKE.parent / "fmnist-noniid.toml")
     counts = bench.run_grid(headline, str(tmp_path), quiet=True, only=["simple-cnn-e1-dir0.1-*-s0"])
-    strategies = ("fedavg", "fedavgm", "feddf", "fedprox", "fusion", "fusion-uniform")
+    strategies = ("fedavg", "fedavgm", "feddf", "fedprox", "fusion", "fusion-plain", "fusion-plain-uniform",
+                  "fusion-uniform")
     assert counts == {"done": len(strategies), "kept": 0, "failed": 0}
-    assert sorted(calls) == [f"simple-cnn-e1-dir0.1-{s}-s0" for s in strategies]
+    assert sorted(calls) == sorted(f"simple-cnn-e1-dir0.1-{s}-s0" for s in strategies)
     with pytest.raises(ValueError, match="matches no run"):
         bench.run_grid(headline, str(tmp_path / "other"), quiet=True, only=["resnet-*"])
     assert not (tmp_path / "other").exists()

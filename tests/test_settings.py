@@ -10,7 +10,7 @@ import pytest
 
 import strategies
 from clients.task import TrainTask
-from data.settings import declared, flag
+from data.settings import check_values, declared, flag
 from server.server_app import settings_from_run_config
 from server.settings import RunSettings, SettingsError, flwr_run_config
 from simulations.cli import build_parser, main
@@ -71,6 +71,18 @@ def test_the_clients_task_asks_for_fusion_inputs_only_under_fusion():
     fusion = RunSettings.from_mapping({"strategy": "fusion"}).train_task()
     assert (fedavg.attribution, fedavg.share_class_counts) == ("", False)
     assert (fusion.attribution, fusion.share_class_counts) == ("gradxact", True)
+
+
+def test_fusion_defaults_to_the_blended_policy_and_offers_blends_only_to_the_clients_check():
+    default = RunSettings.from_mapping({"strategy": "fusion"})
+    assert (default.fusion_train_from, default.fusion_refine_steps, default.fusion_blends) == ("average", 2000, 4)
+    for check in ("proxy", "off"):
+        other = RunSettings.from_mapping({"strategy": "fusion", "fusion-check": check})
+        assert other.fusion_blends == 1
+        check_values(other)
+    explicit = RunSettings.from_mapping({"strategy": "fusion", "fusion-check": "proxy", "fusion-blends": 4})
+    with pytest.raises(SettingsError, match="--fusion-blends 4 offers the clients' check more candidates"):
+        explicit.validate()
 
 
 def test_wrong_types_and_unknown_names_are_refused():
