@@ -19,7 +19,7 @@ DEMO_ARGS := --dataset fashion-mnist --partition dirichlet --alpha 0.5 --clients
 # 32 px; 3 of the 10 clients per round and 2 rounds keep it to a few minutes on 2 cores,
 # and fusion skips its refinement, as in the headline's EfficientNet slice (minutes a round here).
 DEMO_PROJECTED_ARGS := --dataset fashion-mnist --partition dirichlet --alpha 0.5 --clients 10 --fraction 0.3 \
-             --rounds 2 --local-epochs 1 --model efficientnet-lite0 --resolution 32 --lr 0.05 --proxy-size 500 \
+             --rounds 2 --local-epochs 1 --model efficientnet-lite0 --resolution 32 --lr 0.1 --momentum 0 --proxy-size 500 \
              --seed 0 --quiet
 
 .PHONY: setup demo demo-projected test test-slow bench bench-plan bench-one-shot bench-few-round bench-fusion-policy bench-byzantine bench-fusion-then-fedavg bench-fusion-target bench-smoke bench-micro bench-overhead bench-projection bench-fusion clean

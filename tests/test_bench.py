@@ -60,7 +60,7 @@ def test_grid_expands_strategies_splits_epochs_models_and_seeds(tmp_path):
     refine = {(r.settings.model, r.settings.fusion_refine_steps) for r in federated if r.strategy == "fusion"}
     assert refine == {("simple-cnn", 2000), ("efficientnet-lite0", 0)}
     effnet = [r.settings.train_task() for r in grid.runs if r.settings.train_task().model == "efficientnet-lite0"]
-    assert effnet and all(task.projection and task.resolution == 32 for task in effnet)
+    assert effnet and all(task.projection and task.resolution == 32 and task.momentum == 0 for task in effnet)
     # Same seed, same split: every strategy runs on the same partition.
     same = [r.settings.federation for r in federated if r.setting == "simple-cnn-e1-dir0.1" and r.seed == 1]
     assert len(same) == 8 and len(set(same)) == 1
