@@ -50,38 +50,62 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
     """What is left of the grid, per (model, local epochs, strategy): runs finished and
     pending, and the pending runs' time estimated from the wall time of the finished
     runs of the same group, or else of the same model and strategy at other local
-    epochs, scaled by the epochs (client training dominates a round). Runs nothing."""
+    epochs, scaled by the epochs (client training dominates a round), or else of the
+    finished variant of the same strategy whose settings differ least (fusion-uniform
+    like fusion), or else FedAvg's estimate for the same model and epochs: a lower bound,
+    since every federated strategy trains the same clients and FedAvg's server only
+    averages. Runs nothing."""
     grid = load_grid(config, out)
     selected = {run.run_id for run in _select(grid, only)}
     groups: dict[tuple, dict] = {}
     for run in grid.runs:  # estimates draw on every finished run, the slice or not
         task = run.settings.train_task()
         key = (task.model, task.local_epochs, run.strategy)
-        group = groups.setdefault(key, {"walls": [], "finished": 0, "pending": 0, "selected": False})
+        group = groups.setdefault(key, {"walls": [], "finished": 0, "pending": 0, "selected": False,
+                                        "settings": _variant_settings(run)})
         in_slice = run.run_id in selected
         group["selected"] |= in_slice
         finished = is_finished(run.settings.out)
         if finished:
             group["walls"].append(read_summary(run.settings.out)["wall_s"])
         group["finished" if finished else "pending"] += in_slice
+
+    def estimate(model: str, epochs: int, strategy: str) -> tuple[float | None, str]:
+        walls = groups.get((model, epochs, strategy), {}).get("walls")
+        if walls:
+            return sum(walls) / len(walls), "measured"
+        scaled = [wall * epochs / other for (m, other, s), g in groups.items()
+                  if (m, s) == (model, strategy) and other != epochs for wall in g["walls"]]
+        if scaled:
+            return sum(scaled) / len(scaled), "scaled from other local epochs"
+        return None, "no finished run to go by"
+
     lines = []
     for (model, epochs, strategy), group in groups.items():
         if not group["selected"]:
             continue
-        per_run, basis = None, "no finished run to go by"
-        if group["walls"]:
-            per_run, basis = sum(group["walls"]) / len(group["walls"]), "measured"
-        else:
-            scaled = [wall * epochs / other for (m, other, s), g in groups.items()
-                      if (m, s) == (model, strategy) and other != epochs for wall in g["walls"]]
-            if scaled:
-                per_run = sum(scaled) / len(scaled)
-                basis = "scaled from other local epochs"
+        per_run, basis = estimate(model, epochs, strategy)
+        variants = [(len(group["settings"].items() ^ other["settings"].items()), label)
+                    for (m, e, label), other in groups.items()
+                    if (m, e) == (model, epochs) and other["walls"] and label != strategy
+                    and other["settings"]["strategy"] == group["settings"]["strategy"]]
+        if per_run is None and variants:
+            label = min(variants)[1]
+            per_run, basis = estimate(model, epochs, label)[0], f"like {label}'s"
+        if per_run is None and strategy not in ("fedavg", CENTRALISED):
+            per_run, fedavg_basis = estimate(model, epochs, "fedavg")
+            if per_run is not None:
+                basis = f"at least FedAvg's ({fedavg_basis})"
         lines.append({"model": model, "local_epochs": epochs, "strategy": strategy, "finished": group["finished"],
                       "pending": group["pending"], "minutes_per_run": None if per_run is None else per_run / 60,
                       "pending_hours": None if per_run is None else per_run * group["pending"] / 3600,
                       "basis": basis})
     return lines
+
+
+def _variant_settings(run: GridRun) -> dict:
+    """The settings that make a run's strategy variant: all but its seed and folder."""
+    return {k: v for k, v in run.settings.to_dict().items() if k not in ("seed", "out")}
 
 
 def print_plan(lines: list[dict], console) -> None:
@@ -96,8 +120,10 @@ def print_plan(lines: list[dict], console) -> None:
     unknown = sum(line["pending"] for line in lines if line["pending"] and line["pending_hours"] is None)
     print_tables(table, console=console)
     pending = sum(line["pending"] for line in lines)
+    floors = sum(line["pending"] for line in lines if line["basis"].startswith("at least"))
     console.print(f"pending: {pending} run(s)" + (f", about {sum(known):.1f} h for the {pending - unknown} with an "
                                                    "estimate" if pending > unknown else "")
+                  + (f" ({floors} of them at least FedAvg's time: a lower bound)" if floors else "")
                   + (f"; {unknown} without one" if unknown else ""))
 
 

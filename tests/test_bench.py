@@ -159,7 +159,7 @@ def test_under_attack_pairs_each_strategy_with_its_own_clean_run(tmp_path):
 
 def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_run_one", lambda run: pytest.fail("--plan must not run anything"))
-    config = _grid_file(tmp_path, 'strategies = ["fedavg", "fusion"]\nseeds = [0, 1]\nlocal_epochs = [1, 3]\n'
+    config = _grid_file(tmp_path, 'strategies = ["fedavg", "fusion", "fusion-uniform", "fedprox"]\nseeds = [0, 1]\nlocal_epochs = [1, 3]\n'
                                   '[base]\ndataset = "mnist-5k"\nclients = 4\n')
     out = tmp_path / "out"
     finished = {"simple-cnn-e1-dir0.5-fedavg-s0": 60.0, "simple-cnn-e1-dir0.5-fedavg-s1": 120.0,
@@ -175,6 +175,13 @@ def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp
     assert plan[3, "fedavg"]["basis"] == "scaled from other local epochs"
     assert plan[3, "fedavg"]["pending_hours"] == pytest.approx(2 * 3 * 90 / 3600)
     assert plan[3, "centralised"]["pending"] == 2 and plan[3, "centralised"]["pending_hours"] is None
+    # No fusion-uniform run: the variant whose settings differ least, fusion.
+    assert plan[1, "fusion-uniform"]["basis"] == "like fusion's"
+    assert plan[1, "fusion-uniform"]["minutes_per_run"] == pytest.approx(5.0)
+    # No FedProx run at all: FedAvg's time for the same epochs, as a lower bound.
+    assert plan[1, "fedprox"]["basis"] == "at least FedAvg's (measured)"
+    assert plan[1, "fedprox"]["pending_hours"] == pytest.approx(2 * 90 / 3600)
+    assert plan[3, "fedprox"]["basis"] == "at least FedAvg's (scaled from other local epochs)"
     # A slice lists its own runs only, still estimated from every finished run of the grid.
     sliced = bench.plan_grid(str(config), str(out), only=["*-e3-*-fedavg-s1"])
     assert [(line["local_epochs"], line["strategy"], line["finished"], line["pending"]) for line in sliced] == [
