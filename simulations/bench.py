@@ -61,8 +61,10 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
     for run in grid.runs:  # estimates draw on every finished run, the slice or not
         task = run.settings.train_task()
         key = (task.model, task.local_epochs, run.strategy)
-        group = groups.setdefault(key, {"walls": [], "finished": 0, "pending": 0, "selected": False,
-                                        "settings": _variant_settings(run)})
+        if key not in groups:
+            groups[key] = {"walls": [], "finished": 0, "pending": 0, "selected": False,
+                           "settings": _variant_settings(run)}
+        group = groups[key]
         in_slice = run.run_id in selected
         group["selected"] |= in_slice
         finished = is_finished(run.settings.out)
@@ -85,13 +87,14 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
         if not group["selected"]:
             continue
         per_run, basis = estimate(model, epochs, strategy)
-        variants = [(len(group["settings"].items() ^ other["settings"].items()), label)
-                    for (m, e, label), other in groups.items()
-                    if (m, e) == (model, epochs) and other["walls"] and label != strategy
-                    and other["settings"]["strategy"] == group["settings"]["strategy"]]
-        if per_run is None and variants:
-            label = min(variants)[1]
-            per_run, basis = estimate(model, epochs, label)[0], f"like {label}'s"
+        if per_run is None:
+            variants = [(len(group["settings"].items() ^ other["settings"].items()), label)
+                        for (m, e, label), other in groups.items()
+                        if (m, e) == (model, epochs) and other["walls"] and label != strategy
+                        and other["settings"]["strategy"] == group["settings"]["strategy"]]
+            if variants:
+                label = min(variants)[1]
+                per_run, basis = estimate(model, epochs, label)[0], f"like {label}'s"
         if per_run is None and strategy not in ("fedavg", CENTRALISED):
             per_run, fedavg_basis = estimate(model, epochs, "fedavg")
             if per_run is not None:
