@@ -126,6 +126,21 @@ def _model_slice(table: dict, where: str, strategies: list[str], epochs: list[in
     return table, (own.get("strategies", strategies), own.get("local_epochs", epochs), own.get("splits"))
 
 
+def _partition_slice(table: dict, where: str, strategies: list[str]) -> tuple[dict, list[str]]:
+    """A [[partitions]] table may run only some of the grid's strategies (`strategies`):
+    e.g. an attack on a claim that the others ignore, whose runs would repeat the clean
+    ones. Returns the table without the list, and the strategies it runs."""
+    table = dict(table)
+    if "strategies" not in table:
+        return table, strategies
+    own = _list(table, "strategies", str)
+    unknown = sorted(set(own) - set(strategies))
+    if unknown:
+        raise SettingsError(f"{where}: strategies {unknown} are not in the grid's 'strategies'")
+    del table["strategies"]
+    return table, own
+
+
 def load_grid(path: str | Path, out_dir: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
@@ -171,12 +186,14 @@ def load_grid(path: str | Path, out_dir: str | Path) -> Grid:
                 runs.append(GridRun(run_id, f"{label}-union", CENTRALISED, seed, settings))
             splits_seen = set()
             for p, partition_table in enumerate(partitions):
-                part_values = _normalise(partition_table, f"{path} [[partitions]] #{p + 1}")
+                where_part = f"{path} [[partitions]] #{p + 1}"
+                partition_table, part_strategies = _partition_slice(partition_table, where_part, strategies)
+                part_values = _normalise(partition_table, where_part)
                 split = split_label(RunSettings.from_mapping({**base, **model_values, **part_values}).federation)
                 splits_seen.add(split)
                 if model_splits is not None and split not in model_splits:
                     continue
-                for strategy in model_strategies:
+                for strategy in [s for s in model_strategies if s in part_strategies]:
                     for seed in seeds:
                         values = {**base, **model_values, **part_values, **STRATEGY_VARIANTS[strategy],
                                   "local_epochs": e, "seed": seed}

@@ -135,8 +135,9 @@ def under_attack(rows: list[dict], grid: Grid) -> list[dict]:
     """Every strategy under each attack against its own clean run (the same split and
     seed without attackers), paired by seed: final accuracy and last-rounds mean minus
     the clean run's."""
-    clean_of = {}
+    clean_of, runs_in = {}, {}
     for run in grid.runs:
+        runs_in.setdefault(run.setting, set()).add(run.strategy)
         suffix = attack_label(run.settings.train_task())
         if suffix:
             clean_of[run.setting] = run.setting[:-len(suffix)]
@@ -149,9 +150,17 @@ def under_attack(rows: list[dict], grid: Grid) -> list[dict]:
             continue
         deltas = [by_seed[s][-1]["accuracy"] - clean[s][-1]["accuracy"] for s in seeds]
         last_deltas = [_last_rounds_mean(by_seed[s]) - _last_rounds_mean(clean[s]) for s in seeds]
-        lines.append({"setting": setting, "strategy": strategy, "seeds": len(seeds),
+        lines.append({"setting": setting, "strategy": strategy, "seeds": len(seeds), "reached": True,
                       "delta_mean": float(np.mean(deltas)), "delta_std": _std(deltas),
                       "last_delta_mean": float(np.mean(last_deltas)), "last_delta_std": _std(last_deltas)})
+    # A strategy the grid leaves out of an attacked setting ignores what that attack lies
+    # about: its runs would repeat the clean ones, so it is listed at 0 with its clean seeds.
+    for setting, clean_setting in sorted(clean_of.items()):
+        for strategy in sorted(runs_in[clean_setting] - runs_in[setting] - {CENTRALISED}):
+            seeds = len(curves.get((clean_setting, strategy), {}))
+            if seeds:
+                lines.append({"setting": setting, "strategy": strategy, "seeds": seeds, "reached": False,
+                              "delta_mean": 0.0, "delta_std": None, "last_delta_mean": 0.0, "last_delta_std": None})
     return lines
 
 
@@ -204,13 +213,16 @@ def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[di
             "", "## Under attack", "",
             "Each strategy under each attack against its own clean run (the same split, seed and strategy "
             f"without attackers): final accuracy and the mean of the last {LAST_ROUNDS} rounds minus the clean "
-            "run's, in points (mean ± std over seeds).", "",
+            "run's, in points (mean ± std over seeds). Not reached: the strategy ignores what the attack lies "
+            "about (its runs would repeat the clean ones; not run).", "",
             f"| setting | strategy | seeds | final - clean | last {LAST_ROUNDS} rounds - clean |",
             "| --- | --- | ---: | ---: | ---: |",
         ]
         text += [f"| {a['setting']} | {a['strategy']} | {a['seeds']} "
                  f"| {_mean_std(a['delta_mean'], a['delta_std'], 2, 100, signed=True)} "
-                 f"| {_mean_std(a['last_delta_mean'], a['last_delta_std'], 2, 100, signed=True)} |" for a in attacked]
+                 f"| {_mean_std(a['last_delta_mean'], a['last_delta_std'], 2, 100, signed=True)} |"
+                 if a["reached"] else f"| {a['setting']} | {a['strategy']} | {a['seeds']} | not reached | not reached |"
+                 for a in attacked]
     text += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in sorted(out_dir.glob("*.png"))), ""]
     if failures:
         text += ["## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in failures] + [""]

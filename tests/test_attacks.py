@@ -99,11 +99,12 @@ def _message(partition: int, state: dict, examples: int = 100) -> Message:
     return Message(content, reply_to=request)
 
 
-def _aggregate(name: str, states: list[dict], start: dict, **options) -> dict:
+def _aggregate(name: str, states: list[dict], start: dict, examples: list[int] | None = None, **options) -> dict:
     strategy = strategies.build(name, **options)
     strategy._expected = {k: (v.shape, v.dtype) for k, v in start.items()}
     strategy._global = start
-    arrays, _ = strategy.aggregate_train(1, [_message(p, s) for p, s in enumerate(states)])
+    examples = examples or [100] * len(states)
+    arrays, _ = strategy.aggregate_train(1, [_message(p, s, n) for p, (s, n) in enumerate(zip(states, examples))])
     assert strategy.current.clients_ok == len(states)
     return {k: v.numpy() for k, v in arrays.items()}
 
@@ -128,6 +129,31 @@ def test_robust_rules_ignore_two_sign_flipped_updates_of_five_where_fedavg_does_
     assert max(gap.values()) < 1e-6, gap
     # FedAvg moves a fifth of the honest step back: 3/5 - 2/5 of it is left.
     assert max(np.abs(averaged[k] - update.state[k]).max() for k in start) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["krum", "fedmedian", "fedtrimmedavg"])
+def test_robust_rules_ignore_claimed_sizes_so_lie_size_cannot_reach_them(honest, name):
+    # Why the Byzantine grid runs lie-size against FedAvg and fusion only.
+    _, start, update, _ = honest
+    states = [{k: (start[k] + (p + 1) / 5 * (update.state[k] - start[k])).astype(start[k].dtype) for k in start}
+              for p in range(5)]
+    truthful = _aggregate(name, states, start, examples=[100] * 5)
+    lying = _aggregate(name, states, start, examples=[100 * attacks.SIZE_FACTOR] * 2 + [100] * 3)
+    assert all(np.array_equal(truthful[k], lying[k]) for k in start)
+    fedavg = (_aggregate("fedavg", states, start, examples=[100] * 5),
+              _aggregate("fedavg", states, start, examples=[100 * attacks.SIZE_FACTOR] * 2 + [100] * 3))
+    assert max(np.abs(fedavg[0][k] - fedavg[1][k]).max() for k in start) > 1e-4
+
+
+def test_lie_counts_leaves_a_client_that_sends_no_histogram_honest(honest):
+    # Only fusion's clients send class histograms: the Byzantine grid runs lie-counts against fusion only.
+    _, start, update, _ = honest
+    silent = type(update)(update.state, update.metrics, update.attributions, None)
+    attacked = attacks.attack_update(silent, start, "lie-counts", seed=0, server_round=1, partition_id=0)
+    assert attacked.class_counts is None and attacked.metrics == update.metrics
+    assert all(np.array_equal(attacked.state[k], update.state[k]) for k in start)
+    lying = attacks.attack_update(update, start, "lie-counts", seed=0, server_round=1, partition_id=0)
+    assert lying.class_counts != update.class_counts
 
 
 def test_bad_attack_settings_are_refused_before_any_run():

@@ -35,6 +35,8 @@ def _grid_file(tmp_path, text: str) -> Path:
      "strategies ['fedprox'] are not in the grid's 'strategies'"),
     ('strategies = ["fedavg"]\n[[models]]\nmodel = "simple-cnn"\nsplits = ["dir0.3"]\n',
      "splits ['dir0.3'] match no [[partitions]] table"),
+    ('strategies = ["fedavg"]\n[[partitions]]\npartition = "iid"\nstrategies = ["krum"]\n',
+     "strategies ['krum'] are not in the grid's 'strategies'"),
     ('strategies = ["fedavg"]\n[[models]]\nmodel = "simple-cnn"\nlocal_epochs = 2\n',
      "'local_epochs' must be a non-empty list of int"),
 ])
@@ -82,6 +84,14 @@ def test_every_shipped_grid_loads_and_few_round_runs_its_rivals(tmp_path, config
         settings = {r.setting for r in grid.runs if r.strategy != "centralised"}
         assert "simple-cnn-e1-dir0.1" in settings and "simple-cnn-e1-dir0.1-sign-flip-x2" in settings
         assert len(settings) == 2 * 6  # each split clean and under each of the 5 attacks
+        # An attack runs against the strategies that use what it lies about (the others' runs
+        # would repeat the clean ones): histograms only fusion reads, sizes FedAvg and fusion weigh by.
+        reached = {}
+        for r in grid.runs:
+            reached.setdefault(r.setting, set()).add(r.strategy)
+        assert reached["simple-cnn-e1-dir0.1-lie-counts-x2"] == {"fusion"}
+        assert reached["simple-cnn-e1-dir0.1-lie-size-x2"] == {"fedavg", "fusion"}
+        assert reached["simple-cnn-e1-dir0.1-noise-x2"] == {"fedavg", "krum", "fedmedian", "fedtrimmedavg", "fusion"}
 
 
 def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
@@ -155,6 +165,26 @@ def test_under_attack_pairs_each_strategy_with_its_own_clean_run(tmp_path):
     assert set(lines) == {"fedavg", "krum"} and lines["krum"]["seeds"] == 1
     assert lines["fedavg"]["delta_mean"] == pytest.approx(-0.25)  # -0.3 and -0.2, each against its own seed
     assert lines["krum"]["delta_mean"] == pytest.approx(0.05)
+    assert lines["fedavg"]["reached"] and lines["krum"]["reached"]
+
+
+def test_under_attack_lists_a_strategy_the_attack_does_not_reach_at_its_clean_seeds(tmp_path):
+    from simulations.report import under_attack
+
+    config = _grid_file(tmp_path, 'strategies = ["fedavg", "krum"]\nseeds = [0, 1]\n[base]\ndataset = "mnist-5k"\n'
+                                  'clients = 8\n[[partitions]]\npartition = "dirichlet"\nalpha = 0.1\n'
+                                  '[[partitions]]\npartition = "dirichlet"\nalpha = 0.1\nattackers = 1\n'
+                                  'attack = "lie-size"\nstrategies = ["fedavg"]\n')
+    grid = load_grid(config, tmp_path / "out")
+    attacked = "simple-cnn-e1-dir0.1-lie-size-x1"
+    assert {(r.setting, r.strategy) for r in grid.runs if r.setting == attacked} == {(attacked, "fedavg")}
+    clean = "simple-cnn-e1-dir0.1"
+    records = [{**row, "setting": setting} for setting, strategy, seed, accuracies in (
+        (clean, "fedavg", 0, [0.1, 0.7]), (attacked, "fedavg", 0, [0.1, 0.5]),
+        (clean, "krum", 0, [0.1, 0.6]), (clean, "krum", 1, [0.1, 0.65])) for row in _rows(strategy, seed, accuracies)]
+    lines = {line["strategy"]: line for line in under_attack(records, grid)}
+    assert lines["fedavg"]["reached"] and lines["fedavg"]["delta_mean"] == pytest.approx(-0.2)
+    assert not lines["krum"]["reached"] and lines["krum"]["seeds"] == 2 and lines["krum"]["delta_mean"] == 0
 
 
 def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp_path, monkeypatch):
