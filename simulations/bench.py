@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import time
 import traceback
 from pathlib import Path
@@ -52,7 +53,8 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
     runs of the same group, or else of the same model and strategy at other local
     epochs, scaled by the epochs (client training dominates a round), or else of the
     finished variant of the same strategy whose settings differ least (fusion-uniform
-    like fusion), or else FedAvg's estimate for the same model and epochs: a lower bound,
+    like fusion), or else the same strategy's finished runs in the grids next to DIR,
+    scaled by rounds x epochs, or else FedAvg's estimate for the same model and epochs: a lower bound,
     since every federated strategy trains the same clients and FedAvg's server only
     averages. Runs nothing."""
     grid = load_grid(config, out)
@@ -63,7 +65,7 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
         key = (task.model, task.local_epochs, run.strategy)
         if key not in groups:
             groups[key] = {"walls": [], "finished": 0, "pending": 0, "selected": False,
-                           "settings": _variant_settings(run)}
+                           "settings": _variant_settings(run), "rounds": run.settings.rounds}
         group = groups[key]
         in_slice = run.run_id in selected
         group["selected"] |= in_slice
@@ -80,7 +82,8 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
                   if (m, s) == (model, strategy) and other != epochs for wall in g["walls"]]
         if scaled:
             return sum(scaled) / len(scaled), "scaled from other local epochs"
-        return None, "no finished run to go by"
+        rounds = groups.get((model, epochs, strategy), {}).get("rounds")
+        return _from_other_grids(Path(out), model, strategy, epochs, rounds) if rounds else (None, "")
 
     lines = []
     for (model, epochs, strategy), group in groups.items():
@@ -104,6 +107,33 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
                       "pending_hours": None if per_run is None else per_run * group["pending"] / 3600,
                       "basis": basis})
     return lines
+
+
+def _from_other_grids(out: Path, model: str, strategy: str, epochs: int, rounds: int) -> tuple[float | None, str]:
+    """A new grid's estimate: the finished runs of the same strategy label and model in
+    the grids next to `out` (results/*), at the same local epochs scaled by rounds, or
+    else scaled by rounds x local epochs. Returns (seconds per run or None, basis)."""
+    found = []  # (local epochs, wall seconds per round, grid)
+    for summary in sorted(out.resolve().parent.glob(f"*/runs/*-{strategy}-s[0-9]*/summary.json")):
+        grid = summary.parents[2]
+        if grid == out.resolve() or not re.fullmatch(rf".+-{re.escape(strategy)}-s\d+", summary.parent.name):
+            continue
+        try:
+            config = json.loads((summary.parent / "config.json").read_text())
+            wall = read_summary(summary.parent)["wall_s"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if config.get("model") == model and config.get("rounds") and config.get("local_epochs"):
+            found.append((config["local_epochs"], wall / config["rounds"], grid.name))
+    same = [f for f in found if f[0] == epochs]
+    if same:
+        per_run, how = [wall * rounds for _, wall, _ in same], "scaled by rounds"
+    elif found:
+        per_run, how = [wall * rounds * epochs / e for e, wall, _ in found], "scaled by rounds x epochs"
+    else:
+        return None, "no finished run to go by"
+    sources = sorted({grid for e, _, grid in (same or found)})
+    return sum(per_run) / len(per_run), f"from {', '.join(sources)}, {how}"
 
 
 def _variant_settings(run: GridRun) -> dict:

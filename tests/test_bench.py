@@ -220,6 +220,30 @@ def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp
     assert not (out / "report.md").exists()
 
 
+def test_a_new_grid_is_estimated_from_the_same_strategy_in_the_grids_beside_it(tmp_path):
+    config = _grid_file(tmp_path, 'strategies = ["fedavg", "fusion"]\nlocal_epochs = [1, 2]\n'
+                                  '[base]\ndataset = "mnist-5k"\nclients = 4\nrounds = 3\n')
+
+    def finished(run_id: str, wall: float, rounds: int, epochs: int, model: str = "simple-cnn") -> None:
+        run = tmp_path / "other" / "runs" / run_id
+        run.mkdir(parents=True)
+        (run / SUMMARY).write_text(json.dumps({"wall_s": wall}))
+        (run / "config.json").write_text(json.dumps({"model": model, "rounds": rounds, "local_epochs": epochs}))
+
+    finished("simple-cnn-e1-dir0.5-fusion-s0", 400.0, rounds=4, epochs=1)  # 100 s a round
+    finished("simple-cnn-e5-C2-fusion-s1", 900.0, rounds=3, epochs=5)  # 300 s a round of 5 epochs
+    finished("simple-cnn-e1-dir0.5-fusion-uniform-s0", 9999.0, rounds=4, epochs=1)  # another label
+    finished("resnet18-e1-dir0.5-fusion-s0", 9999.0, rounds=4, epochs=1, model="resnet18")
+    plan = {(line["local_epochs"], line["strategy"]): line
+            for line in bench.plan_grid(str(config), str(tmp_path / "out"))}
+    assert plan[1, "fusion"]["basis"] == "from other, scaled by rounds"
+    assert plan[1, "fusion"]["minutes_per_run"] == pytest.approx(100 * 3 / 60)
+    # No 2-epoch run beside it: every one, scaled by rounds x epochs.
+    assert plan[2, "fusion"]["basis"] == "from other, scaled by rounds x epochs"
+    assert plan[2, "fusion"]["minutes_per_run"] == pytest.approx((100 * 3 * 2 + 300 * 3 * 2 / 5) / 2 / 60)
+    assert plan[1, "fedavg"]["minutes_per_run"] is None
+
+
 def _report_finals(report: str) -> dict[tuple[str, str], tuple[float, float]]:
     """The main table's (final accuracy, last-rounds mean) per (setting, strategy)."""
     finals = {}
