@@ -73,8 +73,8 @@ bench-one-shot: setup
 	$(BIN)/fedfuse bench simulations/configs/one-shot.toml --out results/one-shot --only '$(BENCH_ONLY)'
 
 # Few-round federated learning (3 rounds of 20 local epochs, the small CNN, the same splits;
-# FedAvg, FedProx, FedAvgM, FedDF and fusion): about 5 hours here (`--plan` once some
-# runs are in). Records in results/few-round.
+# FedAvg, FedProx, FedAvgM, FedDF, fusion and fusion-uniform, 3 seeds, 57 runs): about 8 hours
+# here by `--plan`, the skewed splits first. Records in results/few-round.
 bench-few-round: setup
 	$(BIN)/fedfuse bench simulations/configs/few-round.toml --out results/few-round --only '$(BENCH_ONLY)'
 

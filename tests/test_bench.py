@@ -74,12 +74,11 @@ def test_every_shipped_grid_loads_and_few_round_runs_its_rivals(tmp_path, config
     assert grid.runs and all(r.settings.rounds >= 1 for r in grid.runs)
     if config.stem == "few-round":
         strategies = {r.strategy for r in grid.runs}
-        assert {"fedavg", "fedprox", "fedavgm", "feddf", "fusion", "fusion-uniform", "fusion-plain"} <= strategies
+        assert {"fedavg", "fedprox", "fedavgm", "feddf", "fusion", "fusion-uniform"} <= strategies
         assert {(r.settings.rounds, r.settings.train_task().local_epochs) for r in grid.runs if r.strategy != "centralised"} == {(3, 20)}
         policies = {r.strategy: (r.settings.fusion_train_from, r.settings.fusion_refine_steps > 0, r.settings.fusion_blends)
                     for r in grid.runs if r.strategy.startswith("fusion")}
-        assert policies == {"fusion": ("average", True, 4), "fusion-uniform": ("average", True, 4),
-                            "fusion-plain": ("global", False, 1)}
+        assert policies == {"fusion": ("average", True, 4), "fusion-uniform": ("average", True, 4)}
     if config.stem == "byzantine":
         settings = {r.setting for r in grid.runs if r.strategy != "centralised"}
         assert "simple-cnn-e1-dir0.1" in settings and "simple-cnn-e1-dir0.1-sign-flip-x2" in settings
