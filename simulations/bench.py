@@ -53,8 +53,9 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
     runs of the same group, or else of the same model and strategy at other local
     epochs, scaled by the epochs (client training dominates a round), or else of the
     finished variant of the same strategy whose settings differ least (fusion-uniform
-    like fusion), or else the same strategy's finished runs in the grids next to DIR,
-    scaled by rounds x epochs, or else FedAvg's estimate for the same model and epochs: a lower bound,
+    like fusion), or else the same strategy's finished runs in the grids next to DIR
+    (scaled by rounds, or by rounds x epochs), or else FedAvg's estimate for the same
+    model and epochs: a lower bound,
     since every federated strategy trains the same clients and FedAvg's server only
     averages. Runs nothing."""
     grid = load_grid(config, out)
@@ -132,7 +133,7 @@ def _from_other_grids(out: Path, model: str, strategy: str, epochs: int, rounds:
         per_run, how = [wall * rounds * epochs / e for e, wall, _ in found], "scaled by rounds x epochs"
     else:
         return None, "no finished run to go by"
-    sources = sorted({grid for e, _, grid in (same or found)})
+    sources = sorted({grid for _, _, grid in (same or found)})
     return sum(per_run) / len(per_run), f"from {', '.join(sources)}, {how}"
 
 

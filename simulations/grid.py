@@ -120,10 +120,14 @@ def _model_slice(table: dict, where: str, strategies: list[str], epochs: list[in
     for key, kind in (("strategies", str), ("local_epochs", int), ("splits", str)):
         if key in own:
             _list(own, key, kind)
-    unknown = sorted(set(own.get("strategies", [])) - set(strategies))
+    _check_subset(own.get("strategies", []), strategies, where)
+    return table, (own.get("strategies", strategies), own.get("local_epochs", epochs), own.get("splits"))
+
+
+def _check_subset(own: list[str], strategies: list[str], where: str) -> None:
+    unknown = sorted(set(own) - set(strategies))
     if unknown:
         raise SettingsError(f"{where}: strategies {unknown} are not in the grid's 'strategies'")
-    return table, (own.get("strategies", strategies), own.get("local_epochs", epochs), own.get("splits"))
 
 
 def _partition_slice(table: dict, where: str, strategies: list[str]) -> tuple[dict, list[str]]:
@@ -134,9 +138,7 @@ def _partition_slice(table: dict, where: str, strategies: list[str]) -> tuple[di
     if "strategies" not in table:
         return table, strategies
     own = _list(table, "strategies", str)
-    unknown = sorted(set(own) - set(strategies))
-    if unknown:
-        raise SettingsError(f"{where}: strategies {unknown} are not in the grid's 'strategies'")
+    _check_subset(own, strategies, where)
     del table["strategies"]
     return table, own
 
