@@ -131,6 +131,42 @@ def against_fedavg(rows: list[dict]) -> list[dict]:
     return lines
 
 
+# Grids of at most this many rounds (one-shot, few-round) get the round-by-round table.
+FEW_ROUNDS = 5
+
+
+def against_best_rival(rows: list[dict]) -> list[dict]:
+    """In grids of few rounds, every fusion variant against the best of the other
+    strategies, round by round: the rival with the highest mean accuracy in that round
+    over the seeds that every one of them ran, and the difference paired by seed."""
+    curves = _curves(rows)
+    lines = []
+    for setting in sorted({s for s, _ in curves}):
+        by_strategy = {strategy: by_seed for (s, strategy), by_seed in curves.items()
+                       if s == setting and strategy != CENTRALISED}
+        if not by_strategy:  # the centralised reference's own setting
+            continue
+        rounds = max(row["round"] for by_seed in by_strategy.values() for runs in by_seed.values() for row in runs)
+        rivals = [strategy for strategy in by_strategy if not strategy.startswith("fusion")]
+        if rounds > FEW_ROUNDS or not rivals:
+            continue
+        for strategy in sorted(set(by_strategy) - set(rivals)):
+            seeds = sorted(set.intersection(*(set(by_strategy[name]) for name in rivals + [strategy])))
+            for number in range(1, rounds + 1):
+                accuracy = {name: [next((row["accuracy"] for row in by_strategy[name][seed]
+                                         if row["round"] == number), None) for seed in seeds]
+                            for name in rivals + [strategy]}
+                if not seeds or any(None in values for values in accuracy.values()):
+                    continue
+                best = max(rivals, key=lambda name: np.mean(accuracy[name]))
+                deltas = [a - b for a, b in zip(accuracy[strategy], accuracy[best])]
+                lines.append({"setting": setting, "strategy": strategy, "round": number, "seeds": len(seeds),
+                              "rival": best, "rival_mean": float(np.mean(accuracy[best])),
+                              "mean": float(np.mean(accuracy[strategy])),
+                              "delta_mean": float(np.mean(deltas)), "delta_std": _std(deltas)})
+    return lines
+
+
 def under_attack(rows: list[dict], grid: Grid) -> list[dict]:
     """Every strategy under each attack against its own clean run (the same split and
     seed without attackers), paired by seed: final accuracy and last-rounds mean minus
@@ -165,7 +201,7 @@ def under_attack(rows: list[dict], grid: Grid) -> list[dict]:
 
 
 def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[dict],
-                 comparisons: list[dict] = (), attacked: list[dict] = ()) -> None:
+                 comparisons: list[dict] = (), attacked: list[dict] = (), rivalry: list[dict] = ()) -> None:
     target = grid.target_accuracy
     text = [
         "# fedfuse benchmark report", "",
@@ -208,6 +244,18 @@ def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[di
                 f"| {_mean_std(c['last_delta_mean'], c['last_delta_std'], 2, 100, signed=True)} "
                 f"| {c['reached']}/{c['seeds']} "
                 f"| {optional(c['rounds_to_fedavg_final'], '{:.1f}')} | {c['fedavg_rounds']:.1f} |")
+    if rivalry:
+        text += [
+            "", "## Against the best rival, round by round", "",
+            "Each fusion variant against the best of the other strategies in each round (the highest mean "
+            "accuracy in that round over the seeds every one of them ran), paired by seed: accuracy minus the "
+            "rival's, in points (mean ± std over seeds).", "",
+            "| setting | strategy | round | seeds | best rival | rival's accuracy | accuracy | - best rival |",
+            "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",
+        ]
+        text += [f"| {r['setting']} | {r['strategy']} | {r['round']} | {r['seeds']} | {r['rival']} "
+                 f"| {r['rival_mean']:.4f} | {r['mean']:.4f} "
+                 f"| {_mean_std(r['delta_mean'], r['delta_std'], 2, 100, signed=True)} |" for r in rivalry]
     if attacked:
         text += [
             "", "## Under attack", "",
@@ -278,5 +326,6 @@ def write_outputs(grid: Grid, out_dir: Path) -> list[dict]:
     lines = summarise(rows, grid.target_accuracy, ensembles)
     if rows:
         write_plots(rows, out_dir)
-    write_report(grid, out_dir, lines, failures, against_fedavg(rows), under_attack(rows, grid))
+    write_report(grid, out_dir, lines, failures, against_fedavg(rows), under_attack(rows, grid),
+                 against_best_rival(rows))
     return lines

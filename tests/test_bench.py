@@ -142,6 +142,22 @@ def test_against_fedavg_pairs_seeds_and_counts_rounds_to_fedavg_final():
     assert line["last_delta_mean"] == pytest.approx(((0.72333 - 0.6) + (0.4 - 0.53333)) / 2, abs=1e-4)
 
 
+def test_against_best_rival_takes_each_rounds_best_rival_over_shared_seeds():
+    from simulations.report import against_best_rival
+
+    rows = (_rows("fedavg", 0, [0.1, 0.5, 0.8]) + _rows("fedavg", 1, [0.1, 0.3, 0.8])
+            + _rows("feddf", 0, [0.1, 0.6, 0.7]) + _rows("feddf", 1, [0.1, 0.6, 0.7])
+            + _rows("fusion", 0, [0.1, 0.7, 0.75]) + _rows("fusion", 1, [0.1, 0.8, 0.85])
+            + _rows("fusion", 2, [0.1, 0.9, 0.9])  # seed 2 has no rival: not paired
+            + [{**row, "setting": "m-union"} for row in _rows("centralised", 0, [0.1, 0.9, 0.9])])
+    lines = {line["round"]: line for line in against_best_rival(rows)}
+    assert set(lines) == {1, 2} and all(line["seeds"] == 2 for line in lines.values())
+    assert lines[1]["rival"] == "feddf" and lines[1]["delta_mean"] == pytest.approx(0.15)  # 0.1 and 0.2
+    assert lines[2]["rival"] == "fedavg" and lines[2]["delta_mean"] == pytest.approx(0.0)  # -0.05 and +0.05
+    # Ten rounds are not few: no table.
+    assert against_best_rival(_rows("fedavg", 0, [0.1] * 11) + _rows("fusion", 0, [0.2] * 11)) == []
+
+
 def test_under_attack_pairs_each_strategy_with_its_own_clean_run(tmp_path):
     from simulations.report import under_attack
 
