@@ -158,24 +158,29 @@ def test_against_best_rival_takes_each_rounds_best_rival_over_shared_seeds():
     assert against_best_rival(_rows("fedavg", 0, [0.1] * 11) + _rows("fusion", 0, [0.2] * 11)) == []
 
 
+def _attacked_grid(tmp_path, attack_table: str):
+    """FedAvg and Krum on one split, clean and with one attacker (`attack_table`)."""
+    return load_grid(_grid_file(tmp_path, 'strategies = ["fedavg", "krum"]\nseeds = [0, 1]\n[base]\n'
+                                          'dataset = "mnist-5k"\nclients = 8\n[[partitions]]\npartition = "dirichlet"\n'
+                                          'alpha = 0.1\n[[partitions]]\npartition = "dirichlet"\nalpha = 0.1\n'
+                                          'attackers = 1\n' + attack_table), tmp_path / "out")
+
+
+def _setting_rows(*runs) -> list[dict]:
+    """Report rows of (setting, strategy, seed, accuracies) runs."""
+    return [{**row, "setting": setting} for setting, strategy, seed, accuracies in runs
+            for row in _rows(strategy, seed, accuracies)]
+
+
 def test_under_attack_pairs_each_strategy_with_its_own_clean_run(tmp_path):
     from simulations.report import under_attack
 
-    config = _grid_file(tmp_path, 'strategies = ["fedavg", "krum"]\nseeds = [0, 1]\n[base]\ndataset = "mnist-5k"\n'
-                                  'clients = 8\n[[partitions]]\npartition = "dirichlet"\nalpha = 0.1\n'
-                                  '[[partitions]]\npartition = "dirichlet"\nalpha = 0.1\nattackers = 1\n'
-                                  'attack = "noise"\n')
-    grid = load_grid(config, tmp_path / "out")
-    attacked = "simple-cnn-e1-dir0.1-noise-x1"
-    assert {r.setting for r in grid.runs} >= {"simple-cnn-e1-dir0.1", attacked}
-
-    def rows(setting, strategy, seed, accuracies):
-        return [{**row, "setting": setting} for row in _rows(strategy, seed, accuracies)]
-
-    clean = "simple-cnn-e1-dir0.1"
-    records = (rows(clean, "fedavg", 0, [0.1, 0.7]) + rows(clean, "fedavg", 1, [0.1, 0.8])
-               + rows(attacked, "fedavg", 0, [0.1, 0.4]) + rows(attacked, "fedavg", 1, [0.1, 0.6])
-               + rows(clean, "krum", 0, [0.1, 0.6]) + rows(attacked, "krum", 0, [0.1, 0.65]))
+    grid = _attacked_grid(tmp_path, 'attack = "noise"\n')
+    clean, attacked = "simple-cnn-e1-dir0.1", "simple-cnn-e1-dir0.1-noise-x1"
+    assert {r.setting for r in grid.runs} >= {clean, attacked}
+    records = _setting_rows((clean, "fedavg", 0, [0.1, 0.7]), (clean, "fedavg", 1, [0.1, 0.8]),
+                            (attacked, "fedavg", 0, [0.1, 0.4]), (attacked, "fedavg", 1, [0.1, 0.6]),
+                            (clean, "krum", 0, [0.1, 0.6]), (attacked, "krum", 0, [0.1, 0.65]))
     lines = {line["strategy"]: line for line in under_attack(records, grid)}
     assert set(lines) == {"fedavg", "krum"} and lines["krum"]["seeds"] == 1
     assert lines["fedavg"]["delta_mean"] == pytest.approx(-0.25)  # -0.3 and -0.2, each against its own seed
@@ -186,17 +191,11 @@ def test_under_attack_pairs_each_strategy_with_its_own_clean_run(tmp_path):
 def test_under_attack_lists_a_strategy_the_attack_does_not_reach_at_its_clean_seeds(tmp_path):
     from simulations.report import under_attack
 
-    config = _grid_file(tmp_path, 'strategies = ["fedavg", "krum"]\nseeds = [0, 1]\n[base]\ndataset = "mnist-5k"\n'
-                                  'clients = 8\n[[partitions]]\npartition = "dirichlet"\nalpha = 0.1\n'
-                                  '[[partitions]]\npartition = "dirichlet"\nalpha = 0.1\nattackers = 1\n'
-                                  'attack = "lie-size"\nstrategies = ["fedavg"]\n')
-    grid = load_grid(config, tmp_path / "out")
-    attacked = "simple-cnn-e1-dir0.1-lie-size-x1"
+    grid = _attacked_grid(tmp_path, 'attack = "lie-size"\nstrategies = ["fedavg"]\n')
+    clean, attacked = "simple-cnn-e1-dir0.1", "simple-cnn-e1-dir0.1-lie-size-x1"
     assert {(r.setting, r.strategy) for r in grid.runs if r.setting == attacked} == {(attacked, "fedavg")}
-    clean = "simple-cnn-e1-dir0.1"
-    records = [{**row, "setting": setting} for setting, strategy, seed, accuracies in (
-        (clean, "fedavg", 0, [0.1, 0.7]), (attacked, "fedavg", 0, [0.1, 0.5]),
-        (clean, "krum", 0, [0.1, 0.6]), (clean, "krum", 1, [0.1, 0.65])) for row in _rows(strategy, seed, accuracies)]
+    records = _setting_rows((clean, "fedavg", 0, [0.1, 0.7]), (attacked, "fedavg", 0, [0.1, 0.5]),
+                            (clean, "krum", 0, [0.1, 0.6]), (clean, "krum", 1, [0.1, 0.65]))
     lines = {line["strategy"]: line for line in under_attack(records, grid)}
     assert lines["fedavg"]["reached"] and lines["fedavg"]["delta_mean"] == pytest.approx(-0.2)
     assert not lines["krum"]["reached"] and lines["krum"]["seeds"] == 2 and lines["krum"]["delta_mean"] == 0
