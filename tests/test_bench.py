@@ -295,7 +295,9 @@ def test_smoke_grid_writes_every_output_and_resumes_without_redoing_runs(tmp_pat
     assert all(value > 0.6 for value in last.values())
     report = (tmp_path / "report.md").read_text()
     rows_shown = [line for line in report.splitlines() if line.startswith("| simple-cnn")]
-    assert len(rows_shown) == 3 + 1 and not any("±" in line for line in rows_shown)  # one seed: no spread shown
+    # The main table (3), against FedAvg (1), and fusion against the best rival in rounds 1-2 (2 rounds: few).
+    assert len(rows_shown) == 3 + 1 + 2 and not any("±" in line for line in rows_shown)  # one seed: no spread shown
+    assert len([line for line in rows_shown if "| fusion | 1 | 1 | fedavg |" in line]) == 1
     delta = re.search(r"\| simple-cnn-e2-dir0.5 \| fusion \| 1 \| ([+-][0-9.]+) \|", report)
     fedavg_final, fusion_final = (last[("simple-cnn-e2-dir0.5", s)] for s in ("fedavg", "fusion"))
     assert float(delta.group(1)) == pytest.approx(100 * (fusion_final - fedavg_final), abs=0.01)
