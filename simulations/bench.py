@@ -8,6 +8,7 @@ DIR/failures.jsonl and the grid goes on."""
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import re
 import time
@@ -75,6 +76,7 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
             group["walls"].append(read_summary(run.settings.out)["wall_s"])
         group["finished" if finished else "pending"] += in_slice
 
+    @functools.cache  # the FedAvg fallback asks again per group; other grids' records are read once
     def estimate(model: str, epochs: int, strategy: str) -> tuple[float | None, str]:
         walls = groups.get((model, epochs, strategy), {}).get("walls")
         if walls:
