@@ -46,6 +46,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--test-size", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--proxy-size", type=int, default=1000,
+                        help="unlabeled server images held out of the clients' shards, the fusion's proxy data")
     parser.add_argument("--refine-steps", type=int, default=2000,
                         help="at most this many steps of the fused model's end-to-end refinement (0: none)")
     parser.add_argument("--out", default="runs/bench-fusion-target")
@@ -103,7 +105,7 @@ def main(args) -> int:
         "strategy": "fedavg", "model": args.model, "resolution": args.resolution, "rounds": args.rounds,
         "local_epochs": args.local_epochs, "lr": args.lr, "dataset": args.dataset, "partition": args.partition,
         "alpha": args.alpha, "classes_per_client": args.classes_per_client, "clients": args.clients,
-        "seed": args.seed})
+        "seed": args.seed, "proxy_size": args.proxy_size})
     settings.validate()  # bad input fails here, before any training
     torch.set_num_threads(max(1, args.threads))
     task = replace(settings.train_task(), attribution="gradxact", share_class_counts=True)  # fusion's inputs

@@ -321,3 +321,5 @@ def test_fusion_target_beats_the_average_after_a_skewed_round_and_bad_input_stop
     assert first["fused_agrees"] > 0.85 and first["fused"] > first["average"] + 0.2
     assert main(args[:-2] + ["--alpha", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--alpha must be > 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(args[:-2] + ["--proxy-size", "5000", "--out", str(tmp_path / "big")]) == 2
+    assert "--proxy-size 5000 must be between 0 and" in capsys.readouterr().err and not (tmp_path / "big").exists()
