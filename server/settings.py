@@ -29,6 +29,7 @@ from data.settings import (
 )
 from strategies.checked_merge import CHECKS as FUSION_CHECKS
 from strategies.checked_merge import TRAIN_FROM
+from strategies.fusion import HEAD_TARGETS
 from strategies.fusion.claims import CLAIM_CAP, SIZE_CAP
 from strategies.registry import PROXY_STRATEGIES
 
@@ -72,6 +73,10 @@ class RunSettings:
                                              "on the proxy for at most this many steps (0: no refinement)",
                                        check=whole(0, "must be a whole number >= 0 (0: no refinement)"),
                                        strategies=FUSION)
+    fusion_head_target: str = setting(
+        "log-probs", "what the fused head fits: the class-weighted mean of the clients' log-probabilities (log-probs, "
+                     "a product of experts) or of their per-sample centred logits (logits, the first target)",
+        choices=HEAD_TARGETS, strategies=FUSION)
     fusion_train_from: str = setting("average", "what clients train from next round: FedAvg's average of the "
                                                 "round's updates (average: FedAvg's trajectory, the fused model goes "
                                                 "out where the check prefers it) or the model that went out (global)",

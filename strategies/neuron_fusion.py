@@ -44,7 +44,8 @@ class NeuronFusion(CheckedMerge):
     median claim, for the average and the histograms (0: believed). `fusion_rounds`: when > 0, rounds after
     the first `fusion_rounds` send FedAvg's weighted average, unfused and unchecked, and
     ask the clients for neither attributions nor class histograms. `refine_steps`: the
-    engine's end-to-end refinement of the fused model (0: none). `train_from`: "global"
+    engine's end-to-end refinement of the fused model (0: none). `head_target`: what the
+    fused head fits (`head_targets`: "log-probs" or "logits"). `train_from`: "global"
     (clients train from the model that went out) or "average" (from FedAvg's average of
     the round's updates: the clients follow FedAvg's trajectory, and the fused model is
     the global model in the rounds where the check prefers it). `blends`: with the
@@ -56,13 +57,15 @@ class NeuronFusion(CheckedMerge):
     def __init__(self, template: nn.Module, proxy: torch.Tensor, attribution: str = "gradxact",
                  num_classes: int | None = None, seed: int = 0, check: str = "clients", check_samples: int = 500,
                  fusion_rounds: int = 0, refine_steps: int = 0, train_from: str = "global", blends: int = 1,
-                 claim_cap: float = CLAIM_CAP, size_cap: float = SIZE_CAP, **flower_kwargs):
+                 claim_cap: float = CLAIM_CAP, size_cap: float = SIZE_CAP, head_target: str = "log-probs",
+                 **flower_kwargs):
         super().__init__(template, proxy, seed, check, check_samples, train_from, **flower_kwargs)
         self.attribution = attribution
         self.num_classes = num_classes
         self.level_widths = {level.name: level.width for level in models.levels(self.template)}
         self.fusion_rounds = fusion_rounds
         self.refine_steps = refine_steps
+        self.head_target = head_target
         self.blends = blends
         self.claim_cap = claim_cap
         self.size_cap = size_cap
@@ -115,7 +118,8 @@ class NeuronFusion(CheckedMerge):
                                                                                     fit_part, record)
         # Every client started from the global model: its neurons correspond, no k-means++ restarts.
         fused, report = fuse(client_models, [fit_part], attributions, class_weights=class_weights,
-                             restarts=False, refine_steps=self.refine_steps, seed=self.seed + server_round)
+                             restarts=False, refine_steps=self.refine_steps, head_target=self.head_target,
+                             seed=self.seed + server_round)
         if self._task_config.get("norm-stats") == "frozen":  # the clients' statistics, which they never update
             restate_norm_statistics(fused, averaged)
         candidates = {"fusion": fused, "average": averaged, **blends(averaged, fused, self.blends)}

@@ -13,6 +13,7 @@ from clients import training
 from clients.local_update import local_update
 from clients.task import TrainTask, input_spec
 from strategies.fusion import FusionError, fuse, head_targets, neuron_attributions
+from strategies.fusion.engine import refine
 from strategies.fusion.fitting import closed_form_fit
 
 
@@ -135,6 +136,8 @@ def test_bad_inputs_raise_one_clear_error(mnist):
     scores[1][2] = torch.ones(7)
     with pytest.raises(FusionError, match=r"model 1, level 6-8: attribution scores must be 120"):
         fuse([a, b], proxy, attributions=scores)
+    with pytest.raises(FusionError, match="unknown head target 'probs': choose log-probs or logits"):
+        fuse([a, b], proxy, head_target="probs")
 
 
 def test_fusion_engine_does_not_import_flwr():
@@ -196,6 +199,40 @@ def test_fits_that_do_not_help_are_reverted():
     assert head["loss_after"] <= head["loss_before"] < 1e-12
     state = model.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in fused.state_dict().items() if not k.startswith("11."))
+
+
+def test_the_log_probs_target_lets_a_class_expert_outvote_an_unsure_model_of_larger_logit_scale():
+    # Model 0 saw classes 0-1 and is unsure between them with large logits; model 1 saw
+    # only class 2 and claims the sample with small ones. Each class is judged by its own
+    # model (the class weights): in log-probabilities class 2 wins, in centred logits the
+    # larger scale of model 0 carries class 0.
+    logits = [torch.tensor([[10.0, 9.9, 0.0]]), torch.tensor([[0.0, 0.0, 2.0]])]
+    counts = torch.tensor([[50.0, 50.0, 0.0], [0.0, 0.0, 50.0]])
+    assert head_targets(logits, counts, "log-probs").argmax(1).item() == 2
+    assert head_targets(logits, counts, "logits").argmax(1).item() == 0
+    # Identical models give back their own logits under either target.
+    same = [torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, 0.0]])] * 3
+    for kind in ("log-probs", "logits"):
+        assert torch.allclose(head_targets(same, None, kind), same[0], atol=1e-6)
+
+
+def test_refinement_distils_on_mixed_proxy_inputs_the_teacher_answers():
+    torch.manual_seed(0)
+    teacher_net, student = nn.Linear(4, 3), nn.Linear(4, 3)
+    x = torch.randn(40, 4)
+    asked = []
+
+    def teacher(inputs):
+        asked.append(inputs)
+        return 5 * teacher_net(inputs)
+
+    report = refine(student, x, teacher, steps=600, seed=0)
+    assert 0 < report["best_step"] <= report["steps"] <= 600
+    assert report["loss_best"] < 0.5 * report["loss_start"]
+    # After the held-out fifth, the teacher is asked once about 8 mixes of each other proxy row.
+    assert [len(a) for a in asked] == [8, 8 * 32]
+    nearest = torch.cdist(asked[1], x).min(1).values
+    assert (nearest > 1e-3).float().mean() > 0.9
 
 
 def test_refinement_brings_the_fused_model_closer_to_its_target():

@@ -76,6 +76,7 @@ def test_the_clients_task_asks_for_fusion_inputs_only_under_fusion():
 def test_fusion_defaults_to_the_blended_policy_and_offers_blends_only_to_the_clients_check():
     default = RunSettings.from_mapping({"strategy": "fusion"})
     assert (default.fusion_train_from, default.fusion_refine_steps, default.fusion_blends) == ("average", 2000, 4)
+    assert default.fusion_head_target == "log-probs"
     for check in ("proxy", "off"):
         other = RunSettings.from_mapping({"strategy": "fusion", "fusion-check": check, "dataset": "digits",
                                           "proxy-size": 100})

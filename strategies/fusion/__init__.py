@@ -2,6 +2,7 @@
 
 from strategies.fusion.attribution import METHODS, neuron_attributions
 from strategies.fusion.engine import (
+    HEAD_TARGETS,
     FusionError,
     average_models,
     fuse,
@@ -10,5 +11,5 @@ from strategies.fusion.engine import (
     restate_norm_statistics,
 )
 
-__all__ = ["METHODS", "FusionError", "average_models", "fuse", "head_targets", "neuron_attributions",
+__all__ = ["HEAD_TARGETS", "METHODS", "FusionError", "average_models", "fuse", "head_targets", "neuron_attributions",
            "reestimate_batchnorm", "restate_norm_statistics"]
