@@ -43,7 +43,7 @@ def ensemble_logits(models: list[nn.Module], x: torch.Tensor, batch_size: int = 
                       for i in range(0, len(x), batch_size)])
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton's distillation loss: KL(teacher || student) at `temperature`, times T^2 so
     gradients keep their scale across temperatures."""
     return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1),
@@ -55,7 +55,7 @@ def _score(model: nn.Module, x: torch.Tensor, teacher: torch.Tensor, temperature
     """(agreement with the teacher's class, -KL): larger is better, compared in that order."""
     model.eval()
     logits = model(x)
-    return float((logits.argmax(1) == teacher.argmax(1)).double().mean()), -float(distillation_loss(logits, teacher, temperature))
+    return float((logits.argmax(1) == teacher.argmax(1)).double().mean()), -float(_kl(logits, teacher, temperature))
 
 
 def distill(student: nn.Module, x_fit: torch.Tensor, teacher_fit: torch.Tensor, x_held: torch.Tensor,
@@ -79,7 +79,7 @@ def distill(student: nn.Module, x_fit: torch.Tensor, teacher_fit: torch.Tensor, 
         cursor += batch_size
         model.train()
         optimizer.zero_grad()
-        distillation_loss(model(x_fit[batch]), teacher_fit[batch], temperature).backward()
+        _kl(model(x_fit[batch]), teacher_fit[batch], temperature).backward()
         optimizer.step()
         step += 1
         if step % eval_every == 0:
