@@ -30,7 +30,7 @@ from server.settings import RunSettings, SettingsError
 from simulations.centralised import CENTRALISED
 
 # Strategy labels of a grid: a Flower strategy plus the settings that make the variant.
-_PLAIN = {"fusion_train_from": "global", "fusion_refine_steps": 0, "fusion_blends": 1}
+_PLAIN = {"fusion_train_from": "global", "fusion_refine_steps": 0, "fusion_blends": 1, "fusion_head_target": "logits"}
 STRATEGY_VARIANTS = {
     "fedavg": {"strategy": "fedavg"},
     "fedprox": {"strategy": "fedprox"},
@@ -38,7 +38,10 @@ STRATEGY_VARIANTS = {
     # of it and the average offered to the clients' check.
     "fusion": {"strategy": "fusion"},
     "fusion-uniform": {"strategy": "fusion", "attribution": "uniform"},
-    # The first policy: clients train from what went out, the fitted model unrefined, no blends.
+    # The default policy with the first head target (the class-weighted mean of centred logits).
+    "fusion-logits": {"strategy": "fusion", "fusion_head_target": "logits"},
+    # The first policy: clients train from what went out, the first head target, the fitted
+    # model unrefined, no blends.
     "fusion-plain": {"strategy": "fusion", **_PLAIN},
     "fusion-plain-uniform": {"strategy": "fusion", "attribution": "uniform", **_PLAIN},
     "fusion-then-fedavg": {"strategy": "fusion", "fusion_rounds": 1, **_PLAIN},  # fusion's head start, then FedAvg

@@ -76,9 +76,12 @@ def test_every_shipped_grid_loads_and_few_round_runs_its_rivals(tmp_path, config
         strategies = {r.strategy for r in grid.runs}
         assert {"fedavg", "fedprox", "fedavgm", "feddf", "fusion", "fusion-uniform"} <= strategies
         assert {(r.settings.rounds, r.settings.train_task().local_epochs) for r in grid.runs if r.strategy != "centralised"} == {(3, 20)}
-        policies = {r.strategy: (r.settings.fusion_train_from, r.settings.fusion_refine_steps > 0, r.settings.fusion_blends)
-                    for r in grid.runs if r.strategy.startswith("fusion")}
-        assert policies == {"fusion": ("average", True, 4), "fusion-uniform": ("average", True, 4)}
+        policies = {r.strategy: (r.settings.fusion_train_from, r.settings.fusion_refine_steps > 0, r.settings.fusion_blends,
+                                 r.settings.fusion_head_target) for r in grid.runs if r.strategy.startswith("fusion")}
+        assert policies == {"fusion": ("average", True, 4, "log-probs"), "fusion-uniform": ("average", True, 4, "log-probs")}
+    if config.stem == "one-shot":
+        plain = {r.settings.fusion_head_target for r in grid.runs if r.strategy.startswith("fusion-plain")}
+        assert plain == {"logits"}  # the first policy, whole
     if config.stem == "byzantine":
         settings = {r.setting for r in grid.runs if r.strategy != "centralised"}
         assert "simple-cnn-e1-dir0.1" in settings and "simple-cnn-e1-dir0.1-sign-flip-x2" in settings

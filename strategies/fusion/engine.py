@@ -270,15 +270,17 @@ def _keep_if_better(level: Level, probes: _Probes, targets: torch.Tensor, saved:
     return how, loss_before
 
 
-# The refinement trains the whole fused model on the head target's classes: Adam at 1e-3
-# on the cross-entropy, in batches of 128 from a pool of 8 pairwise mixes per proxy image
-# (mixup's inputs: Zhang et al., arXiv 1710.09412), each labelled once by the target, so
-# the fused model learns the target's decisions beyond the proxy images; stopped after 200
-# steps without a lower held-out loss. Measured on round-1 clients (docs/results.md): the
-# MSE to the target logits, or a KL to its softmax, on the proxy images alone lost 10-30
-# points of the log-probs target at high skew, whose margins are small (its classes'
-# experts are each sure of their own classes). (Picking the checkpoint by held-out
-# agreement, as FedDF does, depended on which 200 samples were held out.)
+# The refinement trains the whole fused model to the head target: Adam at 1e-3 on the
+# cross-entropy to the target's class plus the KL to its softmax (hard and soft labels, as
+# in Hinton et al.'s distillation, both from the target), in batches of 128 from a pool of
+# 8 pairwise mixes per proxy image (mixup's inputs: Zhang et al., arXiv 1710.09412) that
+# the models label once, so the fused model learns the target beyond the proxy images;
+# stopped after 200 steps without a lower held-out loss. Measured on round-1 clients
+# (docs/results.md): the MSE to the target logits on the proxy images alone lost 10-30
+# points of the log-probs target at high skew, whose margins are small (each class's
+# experts are sure of their own classes); the KL alone lost 2-17, the class alone up to
+# 1.8 more than both at Dirichlet 0.5. (Picking the checkpoint by held-out agreement, as
+# FedDF does, depended on which 200 samples were held out.)
 REFINE_LR, REFINE_BATCH, REFINE_PATIENCE, REFINE_MIXES = 1e-3, 128, 20, 8
 
 
@@ -289,11 +291,18 @@ def _in_chunks(function: Callable[[torch.Tensor], torch.Tensor], inputs: Callabl
     return torch.cat([function(inputs(torch.arange(i, min(i + size, count)))) for i in range(0, count, size)])
 
 
+def _refine_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the target's class plus KL(target's softmax || the model's)."""
+    log_probs = logits.log_softmax(1)
+    return (F.nll_loss(log_probs, target.argmax(1))
+            + F.kl_div(log_probs, target.log_softmax(1), log_target=True, reduction="batchmean"))
+
+
 def refine(fused: nn.Module, x: torch.Tensor, teacher: Callable[[torch.Tensor], torch.Tensor], steps: int,
            seed: int = 0) -> dict:
-    """Train the whole fused model (its trainable parameters) to predict the class of
-    `teacher(inputs)`, the head's target logits, on pairwise mixes of four fifths of the
-    proxy inputs x; the parameters with the lowest loss on the held-out fifth are kept, the
+    """Train the whole fused model (its trainable parameters) to `teacher(inputs)`, the
+    head's target logits (its class and its softmax), on pairwise mixes of four fifths of
+    the proxy inputs x; the parameters with the lowest loss on the held-out fifth are kept, the
     fitted ones included. The level-by-level fit leaves points of the target's accuracy on
     the table (each level fits its own target, the errors add up); the whole model
     recovers most of it. Returns the figures: steps, best_step (0: the fitted model kept),
@@ -313,14 +322,11 @@ def refine(fused: nn.Module, x: torch.Tensor, teacher: Callable[[torch.Tensor], 
     def mixes(rows: torch.Tensor) -> torch.Tensor:
         return shares[rows] * train[pairs[0, rows]] + (1 - shares[rows]) * train[pairs[1, rows]]
 
-    def classes(inputs: torch.Tensor) -> torch.Tensor:
-        return teacher(inputs).argmax(1)
-
-    held_classes = _in_chunks(classes, lambda rows: held[rows], len(held))
-    pool_classes = _in_chunks(classes, mixes, pairs.shape[1])
+    held_targets = _in_chunks(teacher, lambda rows: held[rows], len(held))
+    pool_targets = _in_chunks(teacher, mixes, pairs.shape[1])
 
     def held_loss() -> float:
-        return float(F.cross_entropy(_in_chunks(fused, lambda rows: held[rows], len(held)), held_classes))
+        return float(_refine_loss(_in_chunks(fused, lambda rows: held[rows], len(held)), held_targets))
 
     start = best = held_loss()
     best_state, best_step, waited, taken = [p.detach().clone() for p in params], 0, 0, 0
@@ -328,7 +334,7 @@ def refine(fused: nn.Module, x: torch.Tensor, teacher: Callable[[torch.Tensor], 
     while params and taken < steps and waited < REFINE_PATIENCE:
         rows = torch.randint(pairs.shape[1], (REFINE_BATCH,), generator=generator)
         optimizer.zero_grad()
-        F.cross_entropy(fused(mixes(rows)), pool_classes[rows]).backward()
+        _refine_loss(fused(mixes(rows)), pool_targets[rows]).backward()
         optimizer.step()
         taken += 1
         if taken % 10 == 0:
