@@ -15,7 +15,7 @@ from torch import nn
 
 from models import Level, ProjectedConv2d, ProjectedLinear, levels
 from strategies.fusion.chains import Chain, conv_norm_chain, fit_chain, folded_norm, set_folded_norm
-from strategies.fusion.fitting import closed_form_fit, gradient_fit
+from strategies.fusion.fitting import closed_form_fit, early_stopped_adam, gradient_fit
 from strategies.fusion.matching import Matching, match_level
 
 _NORMS = nn.modules.batchnorm._BatchNorm
@@ -328,26 +328,12 @@ def refine(fused: nn.Module, x: torch.Tensor, teacher: Callable[[torch.Tensor], 
     def held_loss() -> float:
         return float(_refine_loss(_in_chunks(fused, lambda rows: held[rows], len(held)), held_targets))
 
-    start = best = held_loss()
-    best_state, best_step, waited, taken = [p.detach().clone() for p in params], 0, 0, 0
-    optimizer = torch.optim.Adam(params, lr=REFINE_LR) if params else None
-    while params and taken < steps and waited < REFINE_PATIENCE:
+    def batch_loss(step: int) -> torch.Tensor:
         rows = torch.randint(pairs.shape[1], (REFINE_BATCH,), generator=generator)
-        optimizer.zero_grad()
-        _refine_loss(fused(mixes(rows)), pool_targets[rows]).backward()
-        optimizer.step()
-        taken += 1
-        if taken % 10 == 0:
-            loss = held_loss()
-            if loss < best - 1e-9:
-                best, best_state, best_step, waited = loss, [p.detach().clone() for p in params], taken, 0
-            else:
-                waited += 1
-    with torch.no_grad():
-        for p, kept in zip(params, best_state):
-            p.copy_(kept)
-    return {"steps": taken, "best_step": best_step, "loss_start": start, "loss_best": best,
-            "seconds": time.perf_counter() - started}
+        return _refine_loss(fused(mixes(rows)), pool_targets[rows])
+
+    result = early_stopped_adam(params, batch_loss, held_loss, steps, REFINE_LR, REFINE_PATIENCE)
+    return {**asdict(result), "seconds": time.perf_counter() - started}
 
 
 def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Tensor]] | None = None,

@@ -4,6 +4,7 @@ probe's output is linear in its trainable parameters, gradient steps otherwise."
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -226,8 +227,35 @@ def closed_form_fit(probe: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: f
 class GradientFit:
     steps: int  # steps taken before stopping
     best_step: int  # 0: the starting parameters were kept
-    loss_start: float  # held-out MSE of the starting parameters
+    loss_start: float  # held-out loss of the starting parameters
     loss_best: float  # and of the kept ones
+
+
+def early_stopped_adam(params: list[torch.nn.Parameter], batch_loss: Callable[[int], torch.Tensor],
+                       held_loss: Callable[[], float], steps: int, lr: float, patience: int) -> GradientFit:
+    """Adam on batch_loss(step) for at most `steps` steps, checked every 10 steps by
+    held_loss() and stopped after `patience` checks without a lower one; the best
+    parameters seen (the starting ones included) are kept."""
+    if not params:
+        return GradientFit(0, 0, float("nan"), float("nan"))
+    start = best = held_loss()
+    best_state, best_step, waited, taken = [p.detach().clone() for p in params], 0, 0, 0
+    optimizer = torch.optim.Adam(params, lr=lr)
+    while taken < steps and waited < patience:
+        optimizer.zero_grad()
+        batch_loss(taken).backward()
+        optimizer.step()
+        taken += 1
+        if taken % 10 == 0:
+            loss = held_loss()
+            if loss < best - 1e-9:
+                best, best_state, best_step, waited = loss, [p.detach().clone() for p in params], taken, 0
+            else:
+                waited += 1
+    with torch.no_grad():
+        for p, kept in zip(params, best_state):
+            p.copy_(kept)
+    return GradientFit(taken, best_step, start, best)
 
 
 def gradient_fit(forward, params: list[torch.nn.Parameter], x: torch.Tensor, y: torch.Tensor,
@@ -236,36 +264,18 @@ def gradient_fit(forward, params: list[torch.nn.Parameter], x: torch.Tensor, y: 
     samples (checked every 10 steps, stopped after `patience` checks without a better
     loss); the best parameters seen (the starting ones included) are kept. The module
     stays in eval mode: its BatchNorm statistics are those it will run with."""
-    if not params:
-        return GradientFit(0, 0, float("nan"), float("nan"))
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     cut = max(1, len(x) // 5) if len(x) >= 5 else 0
     held, train = order[:cut], order[cut:]
-    optimizer = torch.optim.Adam(params, lr=lr)
 
     def held_loss() -> float:
         with torch.no_grad():
             idx = held if len(held) else train
             return F.mse_loss(forward(x[idx]), y[idx]).item()
 
-    start = best = held_loss()
-    best_state, best_step, waited, taken = [p.detach().clone() for p in params], 0, 0, 0
-    for step in range(steps):
+    def batch_loss(step: int) -> torch.Tensor:
         batch = train[torch.randint(len(train), (min(128, len(train)),),
                                     generator=torch.Generator().manual_seed(seed + step))]
-        optimizer.zero_grad()
-        F.mse_loss(forward(x[batch]), y[batch]).backward()
-        optimizer.step()
-        taken += 1
-        if step % 10 == 9:
-            loss = held_loss()
-            if loss < best - 1e-9:
-                best, best_state, best_step, waited = loss, [p.detach().clone() for p in params], taken, 0
-            else:
-                waited += 1
-                if waited >= patience:
-                    break
-    with torch.no_grad():
-        for p, b in zip(params, best_state):
-            p.copy_(b)
-    return GradientFit(taken, best_step, start, best)
+        return F.mse_loss(forward(x[batch]), y[batch])
+
+    return early_stopped_adam(params, batch_loss, held_loss, steps, lr, patience)
