@@ -276,10 +276,10 @@ def _keep_if_better(level: Level, probes: _Probes, targets: torch.Tensor, saved:
 # 8 pairwise mixes per proxy image (mixup's inputs: Zhang et al., arXiv 1710.09412) that
 # the models label once, so the fused model learns the target beyond the proxy images;
 # stopped after 200 steps without a lower held-out loss. Measured on round-1 clients
-# (docs/results.md): the MSE to the target logits on the proxy images alone lost 10-30
+# (docs/results.md): the MSE to the target logits on the proxy images alone lost 10-32
 # points of the log-probs target at high skew, whose margins are small (each class's
-# experts are sure of their own classes); the KL alone lost 2-17, the class alone up to
-# 1.8 more than both at Dirichlet 0.5. (Picking the checkpoint by held-out agreement, as
+# experts are sure of their own classes); the KL alone lost 2-18, the class alone up to
+# 1.7 more than both at Dirichlet 0.5. (Picking the checkpoint by held-out agreement, as
 # FedDF does, depended on which 200 samples were held out.)
 REFINE_LR, REFINE_BATCH, REFINE_PATIENCE, REFINE_MIXES = 1e-3, 128, 20, 8
 
@@ -302,11 +302,11 @@ def refine(fused: nn.Module, x: torch.Tensor, teacher: Callable[[torch.Tensor], 
            seed: int = 0) -> dict:
     """Train the whole fused model (its trainable parameters) to `teacher(inputs)`, the
     head's target logits (its class and its softmax), on pairwise mixes of four fifths of
-    the proxy inputs x; the parameters with the lowest loss on the held-out fifth are kept, the
-    fitted ones included. The level-by-level fit leaves points of the target's accuracy on
-    the table (each level fits its own target, the errors add up); the whole model
-    recovers most of it. Returns the figures: steps, best_step (0: the fitted model kept),
-    held-out loss_start and loss_best, seconds."""
+    the proxy inputs x; the parameters with the lowest loss on the held-out fifth are
+    kept, the fitted ones included. The level-by-level fit leaves points of the target's
+    accuracy on the table (each level fits its own target, the errors add up); the whole
+    model recovers most of it. Returns the figures: steps, best_step (0: the fitted model
+    kept), held-out loss_start and loss_best, seconds."""
     started = time.perf_counter()
     fused.eval()  # its BatchNorm statistics are those it will run with
     params = [p for p in fused.parameters() if p.requires_grad]
