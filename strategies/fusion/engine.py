@@ -125,6 +125,11 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
 HEAD_TARGETS = ("log-probs", "logits")
 
 
+def _check_head_target(kind: str) -> None:
+    if kind not in HEAD_TARGETS:
+        raise FusionError(f"unknown head target '{kind}': choose {' or '.join(HEAD_TARGETS)}")
+
+
 def head_targets(logits: list[torch.Tensor], class_weights: torch.Tensor | None = None,
                  kind: str = "log-probs") -> torch.Tensor:
     """The fused head's target logits: per class, the models' mean, weighted per model by
@@ -134,8 +139,7 @@ def head_targets(logits: list[torch.Tensor], class_weights: torch.Tensor | None 
     Both are logits centred per sample (softmax ignores the shift), so models' different
     logit offsets favour no class; the models' mean offset is added back, so identical
     models give back their own logits."""
-    if kind not in HEAD_TARGETS:
-        raise FusionError(f"unknown head target '{kind}': choose {' or '.join(HEAD_TARGETS)}")
+    _check_head_target(kind)
     weights = torch.ones(len(logits), logits[0].shape[1]) if class_weights is None else class_weights.double()
     weights = weights / weights.sum(0, keepdim=True).clamp_min(1e-12)
     # log-probs score each class by the probability its experts give it; mean-centred logits
@@ -362,8 +366,7 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
         raise FusionError("fusing into another width than the models' is not supported: pass width=None")
     if fit not in ("auto", "closed", "gradient"):
         raise FusionError(f"unknown fit '{fit}': choose auto, closed or gradient")
-    if head_target not in HEAD_TARGETS:
-        raise FusionError(f"unknown head target '{head_target}': choose {' or '.join(HEAD_TARGETS)}")
+    _check_head_target(head_target)  # before any level's work
     models = list(models)
     _check_models(models)
     x = _proxy_inputs(proxy_loader)
