@@ -62,7 +62,7 @@ def local_update(task: TrainTask, partition_id: int, global_state: dict[str, np.
                          shuffle=True, seed=seed, device=device)
     wall_start = time.time()
     stats = training.train(model, loader, task.local_epochs, task.lr, task.momentum,
-                           task.weight_decay, task.proximal_mu, device, task.norm_stats)
+                           task.weight_decay, task.proximal_mu, device, task.norm_stats, steps=task.local_steps)
     state = models.exchanged_state(model)
     metrics = {
         "num-examples": len(labels),

@@ -35,6 +35,9 @@ class TrainTask:
                               check=Check(lambda v: v == 0 or 8 <= v <= 1024,
                                           "must be 0 (the model's default) or between 8 and 1024 pixels"))
     local_epochs: int = setting(1, "passes over the shard per round", check=whole(1))
+    local_steps: int = setting(0, "SGD steps per round on every client, cycling through its shard as often as "
+                                  "needed (K local steps, as in SCAFFOLD and FedNova); 0: local_epochs passes",
+                              check=whole(0))
     batch_size: int = setting(64, "local batch size", check=whole(1))
     lr: float = setting(0.01, "local SGD learning rate", check=number(0, low_open=True, phrase="must be a positive number"))
     momentum: float = setting(0.9, "local SGD momentum", check=number(0, 1, high_open=True))

@@ -16,9 +16,12 @@ NORM_STATS = ("batch", "frozen")
 def train(
     model: nn.Module, loader, epochs: int, lr: float, momentum: float = 0.9,
     weight_decay: float = 0.0, proximal_mu: float = 0.0, device: str | torch.device = "cpu",
-    norm_stats: str = "batch",
+    norm_stats: str = "batch", steps: int = 0,
 ) -> dict:
-    """SGD with momentum for `epochs` passes over `loader`.
+    """SGD with momentum for `epochs` passes over `loader`, or, with `steps` > 0, for
+    exactly that many steps, passing over `loader` as often as needed (each pass
+    reshuffled by the loader): every client then takes the same number of steps,
+    whatever its shard's size.
 
     norm_stats "frozen": BatchNorm layers normalise with the running statistics the model
     came with and never update them (their affine weights still train); "batch": each
@@ -37,10 +40,13 @@ def train(
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     criterion = nn.CrossEntropyLoss()
     started = time.perf_counter()
-    total_loss, total_seen, steps = 0.0, 0, 0
-    for _ in range(epochs):
-        total_loss, total_seen = 0.0, 0  # report the last epoch's loss
+    total_loss, total_seen, taken = 0.0, 0, 0
+    passes = epochs if steps <= 0 else -(-steps // max(len(loader), 1))
+    for _ in range(passes):
+        total_loss, total_seen = 0.0, 0  # report the last pass's loss
         for inputs, labels in loader:
+            if 0 < steps <= taken:
+                break
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(inputs), labels)
             objective = loss
@@ -51,10 +57,10 @@ def train(
             optimizer.step()
             total_loss += loss.item() * len(labels)
             total_seen += len(labels)
-            steps += 1
+            taken += 1
     return {
         "loss": total_loss / max(total_seen, 1),
-        "steps": steps,
+        "steps": taken,
         "train_s": time.perf_counter() - started,
     }
 

@@ -35,10 +35,11 @@ def run_centralised(settings: RunSettings) -> dict:
     out.start({**settings.to_dict(), "strategy": CENTRALISED}, {"proxy_size": len(federation.proxy_indices)})
     result = training.evaluate(model, test)
     history = [{"round": 0, "accuracy": result["accuracy"], "loss": result["loss"]}]
-    for server_round in range(1, settings.rounds + 1):  # a "round" = local_epochs passes over the union
+    # A "round" = local_epochs passes over the union, or with local_steps the steps of all clients together.
+    for server_round in range(1, settings.rounds + 1):
         round_started = time.perf_counter()
         training.train(model, loader, task.local_epochs, task.lr, task.momentum, task.weight_decay,
-                       norm_stats=task.norm_stats)
+                       norm_stats=task.norm_stats, steps=task.local_steps * spec.clients)
         result = training.evaluate(model, test)
         row = {"round": server_round, "accuracy": result["accuracy"], "loss": result["loss"], "bytes_up": 0,
                "bytes_down": 0, "aggregate_s": 0.0, "round_s": time.perf_counter() - round_started}

@@ -103,3 +103,25 @@ def test_the_initial_model_is_the_same_on_server_and_every_client():
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = TrainTask(federation=data.FederationSpec(seed=4), model="simple-cnn").build_model(10).state_dict()
     assert not torch.equal(other["0.weight"], a["0.weight"])
+
+
+def test_local_steps_take_exactly_that_many_steps_whatever_the_shard():
+    short, _ = _loader(n=100)  # 4 batches of 32: 10 steps pass over it three times
+    long, _ = _loader(n=1200)  # 38 batches: 10 steps stop inside the first pass
+    for loader in (short, long):
+        model = models.create("simple-cnn", 10)
+        assert training.train(model, loader, epochs=5, lr=0.05, steps=10)["steps"] == 10
+    assert training.train(models.create("simple-cnn", 10), short, epochs=2, lr=0.05)["steps"] == 2 * len(short)
+
+
+def test_clients_of_unequal_shards_take_the_same_local_steps():
+    from clients.local_update import local_update
+
+    spec = data.FederationSpec(dataset="mnist-5k", clients=4, partition="dirichlet", alpha=0.1, proxy_size=100, seed=0)
+    task = TrainTask.from_config(TrainTask(federation=spec, local_steps=7, server_round=1).to_config())
+    assert task.local_steps == 7  # travels in the train message
+    start = models.exchanged_state(task.build_model(10))
+    updates = [local_update(task, p, start) for p in range(spec.clients)]
+    sizes = [u.metrics["num-examples"] for u in updates]
+    assert max(sizes) > 2 * min(sizes)  # the shards differ, the steps do not
+    assert [u.metrics["steps"] for u in updates] == [7] * spec.clients
