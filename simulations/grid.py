@@ -146,6 +146,14 @@ def _partition_slice(table: dict, where: str, strategies: list[str]) -> tuple[di
     return table, own
 
 
+def budget_label(values: dict) -> str:
+    """The model and the clients' budget a round: e{local epochs}, or k{steps} where a
+    fixed number of local steps replaces the epochs."""
+    model = values.get("model", TrainTask.model).replace(":", "_")
+    steps = values.get("local_steps", TrainTask.local_steps)
+    return f"{model}-k{steps}" if steps else f"{model}-e{values['local_epochs']}"
+
+
 def load_grid(path: str | Path, out_dir: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
@@ -185,7 +193,7 @@ def load_grid(path: str | Path, out_dir: str | Path) -> Grid:
         for e in model_epochs:
             for seed in seeds:
                 values = {**base, **model_values, "local_epochs": e, "seed": seed}
-                label = f"{values.get('model', TrainTask.model).replace(':', '_')}-e{e}"
+                label = budget_label(values)
                 run_id = f"{label}-{CENTRALISED}-s{seed}"
                 settings = RunSettings.from_mapping({**values, "out": str(out_dir / run_id)})
                 runs.append(GridRun(run_id, f"{label}-union", CENTRALISED, seed, settings))

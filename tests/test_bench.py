@@ -52,7 +52,10 @@ def test_grid_expands_strategies_splits_epochs_models_and_seeds(tmp_path):
     # The small CNN: 8 strategies x 3 splits x 2 epoch counts; EfficientNet's slice: 5 x 2 x 1.
     assert len(federated) == (8 * 3 * 2 + 5 * 2 * 1) * 3 and len(grid.runs) - len(federated) == (2 + 1) * 3
     effnet_settings = {r.setting for r in federated if r.settings.train_task().model == "efficientnet-lite0"}
-    assert effnet_settings == {"efficientnet-lite0-e1-dir0.1", "efficientnet-lite0-e1-C2"}
+    # Its clients take 93 local steps a round, whatever their shard; the label says so.
+    assert effnet_settings == {"efficientnet-lite0-k93-dir0.1", "efficientnet-lite0-k93-C2"}
+    assert {r.settings.train_task().local_steps for r in grid.runs if "efficientnet" in r.run_id} == {93}
+    assert {r.settings.train_task().local_steps for r in grid.runs if "simple-cnn" in r.run_id} == {0}
     assert not [r for r in federated if r.settings.train_task().model != "simple-cnn" and r.strategy == "feddf"]
     fedavgm = [r for r in federated if r.strategy == "fedavgm"]
     assert fedavgm and all(r.settings.server_momentum == 0.9 for r in fedavgm)
