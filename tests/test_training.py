@@ -6,6 +6,7 @@ import torch
 import data
 import models
 from clients import training
+from clients.local_update import local_update
 from clients.task import TrainTask, input_spec
 from data import BatchLoader
 
@@ -115,8 +116,6 @@ def test_local_steps_take_exactly_that_many_steps_whatever_the_shard():
 
 
 def test_clients_of_unequal_shards_take_the_same_local_steps():
-    from clients.local_update import local_update
-
     spec = data.FederationSpec(dataset="mnist-5k", clients=4, partition="dirichlet", alpha=0.1, proxy_size=100, seed=0)
     task = TrainTask.from_config(TrainTask(federation=spec, local_steps=7, server_round=1).to_config())
     assert task.local_steps == 7  # travels in the train message
