@@ -9,6 +9,8 @@ import argparse
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+import torch
+
 import data
 import models
 import strategies
@@ -37,7 +39,8 @@ MIN_FUSION_PROXY = 32
 ADAPTIVE = ("fedadam", "fedyogi")
 FEDDF = ("feddf",)
 # Settings a resumed run may change: where and how it runs, not what it computes.
-RESUMABLE_CHANGES = ("out", "resume", "ray_address", "ray_num_cpus", "ray_num_gpus", "client_cpus", "client_gpus")
+RESUMABLE_CHANGES = ("out", "resume", "ray_address", "ray_num_cpus", "ray_num_gpus", "client_cpus", "client_gpus",
+                     "server_device")
 
 
 # Settings whose default follows other settings (RunSettings.from_mapping).
@@ -127,6 +130,9 @@ class RunSettings:
     client_gpus: float = setting(0.0, "GPU share per client: 0.5 puts two clients on a GPU",
                                  check=Check(lambda v: 0 <= v <= 1 or (v > 0 and float(v).is_integer()),
                                              "must be a fraction of one GPU or a whole number"), flwr=False)
+    server_device: str = setting("auto", "where the server merges the clients' models (fusion, FedDF): auto (CUDA "
+                                         "when this process sees a GPU, else the CPU), cpu, cuda or cuda:N",
+                                 strategies=PROXY_STRATEGIES)
     ray_address: str = setting("", "join a running Ray cluster ('auto' or HOST:PORT)", flwr=False)
     ray_num_cpus: int = setting(0, "CPUs of the local Ray instance (0: all)", check=whole(0), flwr=False)
     ray_num_gpus: float = setting(-1.0, "GPUs Ray declares locally (-1: detect; >= 0 declares logical GPUs)",
@@ -168,8 +174,10 @@ class RunSettings:
         return to_flat(self)
 
     def strategy_options(self) -> dict:
-        """The server's own settings, for the strategy builders (each takes what it uses)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "task"}
+        """The server's own settings, for the strategy builders (each takes what it uses);
+        the server device resolved (`resolve_server_device`)."""
+        options = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "task"}
+        return {**options, "server_device": str(resolve_server_device(self.server_device))}
 
     def train_task(self, full_finetune: bool = False) -> TrainTask:
         """The clients' task: fusion's inputs only for fusion; `full_finetune` is the phase
@@ -205,6 +213,8 @@ class RunSettings:
         if self.strategy == "krum" and self.malicious_clients and spec.clients <= 2 * self.malicious_clients + 2:
             raise SettingsError(f"--malicious-clients {self.malicious_clients}: Krum needs more than "
                                 f"2 x {self.malicious_clients} + 2 clients, got --clients {spec.clients}")
+        if self.strategy in PROXY_STRATEGIES:
+            resolve_server_device(self.server_device)
         if self.client_gpus > 0 and self.ray_num_gpus == 0:
             raise SettingsError("--client-gpus > 0 but --ray-num-gpus 0 declares no GPU: raise one or the other")
         if spec.partition == "dirichlet" and not (spec.alpha > 0 and spec.alpha < float("inf")):
@@ -251,6 +261,25 @@ def flwr_run_config() -> dict:
     (those of FOLLOWING are left out: without them, they follow other settings)."""
     return {name.replace("_", "-"): f.default for name, f, _ in declared(RunSettings)
             if f.metadata["flwr"] and name not in FOLLOWING}
+
+
+def resolve_server_device(name: str) -> torch.device:
+    """The torch device `--server-device` names: auto is the first CUDA device when this
+    process sees one, else the CPU. A CUDA device this process cannot see is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SettingsError(f"--server-device {name!r}: choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= visible:
+            raise SettingsError(f"--server-device {name}: this process sees {visible} CUDA device(s); "
+                                f"use auto or cpu")
+    return device
 
 
 def pretrained_backbone(model: str, pretrained: bool) -> bool:

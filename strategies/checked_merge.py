@@ -59,7 +59,7 @@ class CheckedMerge(RecordedRounds, FedAvg):
     merged = "merged"
 
     def __init__(self, template: nn.Module, proxy: torch.Tensor, seed: int = 0, check: str = "clients",
-                 check_samples: int = 500, train_from: str = "global", **flower_kwargs):
+                 check_samples: int = 500, train_from: str = "global", device: str = "cpu", **flower_kwargs):
         super().__init__(**flower_kwargs)
         if check not in CHECKS:
             raise ValueError(f"unknown check '{check}': choose one of {', '.join(CHECKS)}")
@@ -70,6 +70,7 @@ class CheckedMerge(RecordedRounds, FedAvg):
         self.seed = seed
         self.check, self.check_samples = check, check_samples
         self.train_from = train_from
+        self.device = torch.device(device)  # where the merge runs; the check stays on the CPU
         self._grid, self._task_config = None, {}
         # train_from "average": the last merged round's average, which the clients train
         # from next instead of the global model that went out.

@@ -61,11 +61,14 @@ def _score(model: nn.Module, x: torch.Tensor, teacher: torch.Tensor, temperature
 def distill(student: nn.Module, x_fit: torch.Tensor, teacher_fit: torch.Tensor, x_held: torch.Tensor,
             teacher_held: torch.Tensor, *, steps: int = STEPS, lr: float = LR, temperature: float = TEMPERATURE,
             batch_size: int = BATCH_SIZE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
-            seed: int = 0) -> tuple[nn.Module, DistillReport]:
+            seed: int = 0, device: str | torch.device = "cpu") -> tuple[nn.Module, DistillReport]:
     """Train a copy of `student` on `x_fit` to match `teacher_fit` (logits); return the
-    checkpoint that scores best on (`x_held`, `teacher_held`), step 0 included."""
+    checkpoint that scores best on (`x_held`, `teacher_held`), step 0 included. The
+    training runs on `device`; the checkpoint comes back on the CPU."""
     started = time.perf_counter()
-    model = copy.deepcopy(student)
+    device = torch.device(device)
+    model = copy.deepcopy(student).to(device)
+    x_fit, teacher_fit, x_held, teacher_held = (t.to(device) for t in (x_fit, teacher_fit, x_held, teacher_held))
     best_state, best_step = copy.deepcopy(model.state_dict()), 0
     start = best = _score(model, x_held, teacher_held, temperature)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -87,7 +90,7 @@ def distill(student: nn.Module, x_fit: torch.Tensor, teacher_fit: torch.Tensor, 
             if score > best:
                 best, best_step, best_state = score, step, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()
     return model, DistillReport(step, best_step, start[0], best[0], time.perf_counter() - started)
 
 

@@ -31,8 +31,8 @@ class FedDF(CheckedMerge):
 
     def __init__(self, template: nn.Module, proxy: torch.Tensor, seed: int = 0, check: str = "off",
                  check_samples: int = 500, steps: int = distillation.STEPS, lr: float = distillation.LR,
-                 temperature: float = distillation.TEMPERATURE, **flower_kwargs):
-        super().__init__(template, proxy, seed, check, check_samples, **flower_kwargs)
+                 temperature: float = distillation.TEMPERATURE, device: str = "cpu", **flower_kwargs):
+        super().__init__(template, proxy, seed, check, check_samples, device=device, **flower_kwargs)
         self.steps, self.lr, self.temperature = steps, lr, temperature
 
     def aggregate_valid(self, server_round: int, valid: list[Message], record: RoundRecord):
@@ -48,10 +48,10 @@ class FedDF(CheckedMerge):
         distilled, report = distillation.distill(
             averaged, x_fit, distillation.ensemble_logits(client_models, x_fit), x_held,
             distillation.ensemble_logits(client_models, x_held), steps=self.steps, lr=self.lr,
-            temperature=self.temperature, seed=self.seed + server_round)
+            temperature=self.temperature, seed=self.seed + server_round, device=self.device)
         candidates = {self.merged: distilled, "average": averaged}
         selected, figures = self.choose(server_round, valid, client_models, candidates, x_held, record)
-        record.extra.update(distill_s=report.seconds, distill_steps=report.steps, distill_best_step=report.best_step,
+        record.extra.update(distill_s=report.seconds, server_device=str(self.device), distill_steps=report.steps, distill_best_step=report.best_step,
                             distill_agreement_start=report.agreement_start,
                             distill_agreement_best=report.agreement_best, selected=selected, **figures)
         return array_record(models.exchanged_state(candidates[selected])), metrics

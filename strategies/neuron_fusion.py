@@ -58,8 +58,8 @@ class NeuronFusion(CheckedMerge):
                  num_classes: int | None = None, seed: int = 0, check: str = "clients", check_samples: int = 500,
                  fusion_rounds: int = 0, refine_steps: int = 0, train_from: str = "global", blends: int = 1,
                  claim_cap: float = CLAIM_CAP, size_cap: float = SIZE_CAP, head_target: str = "log-probs",
-                 **flower_kwargs):
-        super().__init__(template, proxy, seed, check, check_samples, train_from, **flower_kwargs)
+                 device: str = "cpu", **flower_kwargs):
+        super().__init__(template, proxy, seed, check, check_samples, train_from, device, **flower_kwargs)
         self.attribution = attribution
         self.num_classes = num_classes
         self.level_widths = {level.name: level.width for level in models.levels(self.template)}
@@ -119,7 +119,7 @@ class NeuronFusion(CheckedMerge):
         # Every client started from the global model: its neurons correspond, no k-means++ restarts.
         fused, report = fuse(client_models, [fit_part], attributions, class_weights=class_weights,
                              restarts=False, refine_steps=self.refine_steps, head_target=self.head_target,
-                             seed=self.seed + server_round)
+                             seed=self.seed + server_round, device=self.device)
         if self._task_config.get("norm-stats") == "frozen":  # the clients' statistics, which they never update
             restate_norm_statistics(fused, averaged)
         candidates = {"fusion": fused, "average": averaged, **blends(averaged, fused, self.blends)}
@@ -129,6 +129,7 @@ class NeuronFusion(CheckedMerge):
         moved = [lv["moved"] for lv in levels if lv["kind"] != "head" and not math.isnan(lv["moved"])]
         record.extra.update(
             fusion_s=report["seconds"],
+            server_device=str(self.device),
             fit_loss_before=[lv["loss_before"] for lv in levels],
             fit_loss_after=[lv["loss_after"] for lv in levels],
             assignment_moved=float(np.mean(moved)) if moved else float("nan"),

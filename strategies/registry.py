@@ -33,21 +33,22 @@ def _flower_kwargs() -> dict:
 def _neuron_fusion(template, proxy, attribution="gradxact", num_classes=None, seed=0, fusion_check="clients",
                    check_samples=500, fusion_rounds=0, fusion_refine_steps=0, fusion_train_from="global",
                    fusion_blends=1, fusion_claim_cap=CLAIM_CAP, fusion_size_cap=SIZE_CAP, fusion_head_target="log-probs",
-                   **_) -> RecordedRounds:
+                   server_device="cpu", **_) -> RecordedRounds:
     from strategies.neuron_fusion import NeuronFusion
 
     return NeuronFusion(template, proxy, attribution, num_classes, seed, check=fusion_check,
                         check_samples=check_samples, fusion_rounds=fusion_rounds, refine_steps=fusion_refine_steps,
                         train_from=fusion_train_from, blends=fusion_blends, claim_cap=fusion_claim_cap,
-                        size_cap=fusion_size_cap, head_target=fusion_head_target, **_flower_kwargs())
+                        size_cap=fusion_size_cap, head_target=fusion_head_target, device=server_device,
+                        **_flower_kwargs())
 
 
 def _feddf(template, proxy, seed=0, distill_check="off", check_samples=500, distill_steps=10_000, distill_lr=1e-3,
-           distill_temperature=1.0, **_) -> RecordedRounds:
+           distill_temperature=1.0, server_device="cpu", **_) -> RecordedRounds:
     from strategies.feddf import FedDF
 
     return FedDF(template, proxy, seed, check=distill_check, check_samples=check_samples, steps=distill_steps,
-                 lr=distill_lr, temperature=distill_temperature, **_flower_kwargs())
+                 lr=distill_lr, temperature=distill_temperature, device=server_device, **_flower_kwargs())
 
 
 def _adaptive(cls, eta=0.0, beta_1=0.9, beta_2=0.99, tau=1e-3, **_) -> RecordedRounds:

@@ -60,3 +60,16 @@ def test_the_proxy_split_is_seeded_and_disjoint():
     again, _ = split_proxy(proxy, seed=3)
     assert len(held) == 10 and torch.equal(fit, again)
     assert not np.intersect1d(fit.numpy(), held.numpy()).size
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_distillation_on_the_gpu_matches_the_cpu(drifted_clients):
+    client_models, average, proxy, test = drifted_clients
+    x_fit, x_held = split_proxy(proxy, seed=0)
+    teacher_fit, teacher_held = ensemble_logits(client_models, x_fit), ensemble_logits(client_models, x_held)
+    runs = {device: distill(average, x_fit, teacher_fit, x_held, teacher_held, steps=500, eval_every=100, seed=0,
+                            device=device) for device in ("cpu", "cuda")}
+    assert all(next(model.parameters()).device.type == "cpu" for model, _ in runs.values())
+    accuracy = {device: training.evaluate(model, test)["accuracy"] for device, (model, _) in runs.items()}
+    assert abs(accuracy["cpu"] - accuracy["cuda"]) < 0.01, accuracy
+    assert abs(runs["cpu"][1].agreement_best - runs["cuda"][1].agreement_best) < 0.02

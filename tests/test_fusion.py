@@ -264,3 +264,32 @@ def test_refinement_brings_the_fused_model_closer_to_its_target():
                      for name, m in (("fitted", fitted), ("refined", refined))}
     # The held-out proxy samples' gain carries to images neither saw.
     assert agreement["refined"] > agreement["fitted"] + 0.01, agreement
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fusion_on_the_gpu_matches_the_cpu(mnist):
+    # Eight Dirichlet-0.3 clients of one round, fused with class weights, attributions and
+    # the refinement, once on each device from the same inputs.
+    spec = data.FederationSpec(dataset="mnist-5k", clients=8, alpha=0.3, proxy_size=500, seed=0)
+    task = TrainTask(federation=spec, attribution="gradxact", share_class_counts=True, server_round=1, lr=0.05,
+                     local_epochs=2)
+    federation = data.build_federation(spec)
+    template = task.build_model(10)
+    inputs = task.input_spec(federation.data)
+    proxy = torch.cat(list(data.BatchLoader(federation.proxy_images(), None, inputs, 256)))
+    test = torch.cat(list(data.BatchLoader(federation.data.test_images, None, inputs, 500)))
+    updates = [local_update(task, p, models.exchanged_state(template)) for p in range(spec.clients)]
+    nets = [models.with_state(template, u.state).eval() for u in updates]
+    scores = [[torch.as_tensor(u.attributions[level.name]) for level in models.levels(template)] for u in updates]
+    counts = torch.tensor([u.class_counts for u in updates], dtype=torch.float64)
+    fused = {}
+    for device in ("cpu", "cuda"):
+        fused[device], report = fuse(nets, [proxy], scores, class_weights=counts, restarts=False, refine_steps=300,
+                                     device=device)
+        assert next(fused[device].parameters()).device.type == "cpu"
+        fused[device + " fits"] = [level["fit"] for level in report["levels"]]
+    assert all(next(m.parameters()).device.type == "cpu" for m in nets)  # the clients' models stay where they were
+    assert fused["cpu fits"] == fused["cuda fits"]
+    with torch.no_grad():
+        agreement = float((fused["cpu"](test).argmax(1) == fused["cuda"](test).argmax(1)).double().mean())
+    assert agreement > 0.98, agreement

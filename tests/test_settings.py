@@ -7,12 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 import strategies
 from clients.task import TrainTask
 from data.settings import declared, flag
 from server.server_app import settings_from_run_config
-from server.settings import RunSettings, SettingsError, flwr_run_config
+from server.settings import RunSettings, SettingsError, flwr_run_config, resolve_server_device
 from simulations.cli import build_parser, main
 from simulations.grid import STRATEGY_VARIANTS, load_grid
 
@@ -141,3 +142,19 @@ def test_a_server_setting_never_fills_the_internal_field_of_the_same_name():
     # FedProx's mu is a server setting; the clients' own proximal_mu is set by FedProx's message only
     settings = RunSettings.from_mapping({"strategy": "fedavg", "proximal_mu": 0.5})
     assert settings.proximal_mu == 0.5 and settings.train_task().proximal_mu == 0.0
+
+
+def test_the_server_device_is_resolved_and_checked_before_any_work(tmp_path, capsys):
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert resolve_server_device("auto") == torch.device("cuda" if visible else "cpu")
+    assert RunSettings.from_mapping({"strategy": "fusion"}).strategy_options()["server_device"] == \
+        str(resolve_server_device("auto"))
+    with pytest.raises(SettingsError, match=r"--server-device 'tpu': choose auto, cpu, cuda or cuda:N"):
+        resolve_server_device("tpu")
+    with pytest.raises(SettingsError, match=rf"this process sees {visible} CUDA device\(s\); use auto or cpu"):
+        resolve_server_device(f"cuda:{visible}")
+    # Only the strategies that merge on the server check it; the run stops before Ray starts.
+    assert main(["run", "--strategy", "feddf", "--server-device", f"cuda:{visible}", "--dataset", "digits",
+                 "--proxy-size", "100", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "--server-device" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    RunSettings.from_mapping({"strategy": "fedavg", "server-device": f"cuda:{visible}", "dataset": "digits"}).validate()

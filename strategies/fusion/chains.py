@@ -105,8 +105,8 @@ def conv_norm_chain(module: nn.Module) -> Chain | None:
 def _frozen_equations(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor):
     """Frozen kernels: y_c = k_c * conv(x)_c + t_c, one 2-parameter regression per channel."""
     out = conv.out_channels
-    gram = torch.zeros(out, 2, 2, dtype=x.dtype)
-    rhs = torch.zeros(out, 2, 1, dtype=x.dtype)
+    gram = torch.zeros(out, 2, 2, dtype=x.dtype, device=x.device)
+    rhs = torch.zeros(out, 2, 1, dtype=x.dtype, device=x.device)
     for part in _chunks(len(x), 64):
         u = conv(x[part]).transpose(0, 1).reshape(out, -1)  # (C, samples x positions)
         target = y[part].transpose(0, 1).reshape(out, -1)

@@ -46,6 +46,15 @@ def _proxy_inputs(proxy_loader) -> torch.Tensor:
     return torch.cat(batches).contiguous()
 
 
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model itself when its parameters are on `device`, else a copy moved there (the
+    caller's model stays where it is)."""
+    param = next(model.parameters(), None)
+    if param is None or param.device == device:
+        return model
+    return copy.deepcopy(model).to(device)
+
+
 def _check_models(models: list[nn.Module]) -> None:
     if not models:
         raise FusionError("no model to fuse")
@@ -140,7 +149,9 @@ def head_targets(logits: list[torch.Tensor], class_weights: torch.Tensor | None 
     logit offsets favour no class; the models' mean offset is added back, so identical
     models give back their own logits."""
     _check_head_target(kind)
-    weights = torch.ones(len(logits), logits[0].shape[1]) if class_weights is None else class_weights.double()
+    device = logits[0].device
+    weights = (torch.ones(len(logits), logits[0].shape[1], device=device) if class_weights is None
+               else class_weights.double().to(device))
     weights = weights / weights.sum(0, keepdim=True).clamp_min(1e-12)
     # log-probs score each class by the probability its experts give it; mean-centred logits
     # also carry each model's logit scale on the sample, whatever its confidence.
@@ -321,7 +332,7 @@ def refine(fused: nn.Module, x: torch.Tensor, teacher: Callable[[torch.Tensor], 
     # The pool is kept as pairs and shares, each batch mixed again: at high resolution the
     # mixed images themselves would not fit in memory.
     pairs = torch.randint(len(train), (2, REFINE_MIXES * len(train)), generator=generator)
-    shares = torch.rand(pairs.shape[1], *[1] * (x.dim() - 1), generator=generator)
+    shares = torch.rand(pairs.shape[1], *[1] * (x.dim() - 1), generator=generator).to(x.device)
 
     def mixes(rows: torch.Tensor) -> torch.Tensor:
         return shares[rows] * train[pairs[0, rows]] + (1 - shares[rows]) * train[pairs[1, rows]]
@@ -343,7 +354,7 @@ def refine(fused: nn.Module, x: torch.Tensor, teacher: Callable[[torch.Tensor], 
 def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Tensor]] | None = None,
          width: int | None = None, *, class_weights: torch.Tensor | None = None, fit: str = "auto",
          ridge: float | None = None, grad_steps: int = 100, max_dim: int = 4096, restarts: bool = True,
-         refine_steps: int = 0, head_target: str = "log-probs", seed: int = 0):
+         refine_steps: int = 0, head_target: str = "log-probs", seed: int = 0, device: str | torch.device = "cpu"):
     """Fuse `models` (one architecture) into one model of the same architecture.
 
     For every level in order: run all models and the fused model on the proxy inputs,
@@ -360,6 +371,9 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
     `restarts`: also try k-means++ for free layers and keep it when clearly better (for
     models of independent initialisations); in federated rounds, where every client
     started from the same global model, neurons correspond and False keeps them so.
+    `device`: where the models and the proxy run (e.g. "cuda" on a server with a GPU);
+    the models given stay where they are and the fused model comes back on the CPU.
+    k-means and the assignment run on the CPU wherever the models run.
     Returns (fused_model, report) where report["levels"] lists per-level figures."""
     started = time.perf_counter()
     if width is not None:
@@ -367,9 +381,10 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
     if fit not in ("auto", "closed", "gradient"):
         raise FusionError(f"unknown fit '{fit}': choose auto, closed or gradient")
     _check_head_target(head_target)  # before any level's work
-    models = list(models)
+    device = torch.device(device)
+    models = [on_device(m, device) for m in models]
     _check_models(models)
-    x = _proxy_inputs(proxy_loader)
+    x = _proxy_inputs(proxy_loader).to(device)
     model_levels = [levels(m) for m in models]
     fused = average_models(models)
     fused_levels = levels(fused)
@@ -399,6 +414,6 @@ def fuse(models: list[nn.Module], proxy_loader, attributions: list[list[torch.Te
         def teacher(inputs: torch.Tensor) -> torch.Tensor:
             return head_targets([m(inputs) for m in models], class_weights, head_target)
         refined = refine(fused, x, teacher, refine_steps, seed)
-    fused.eval()
+    fused.cpu().eval()
     return fused, {"levels": [asdict(r) for r in reports], "refine": refined,
                    "seconds": time.perf_counter() - started, "models": len(models), "proxy_size": len(x)}

@@ -49,7 +49,7 @@ def _chunks(n: int, size: int):
 
 @torch.no_grad()
 def _linear_equations(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor):
-    z = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) if layer.bias is not None else x
+    z = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1) if layer.bias is not None else x
     return z.T @ z, z.T @ y  # shared by all outputs: (d, d), (d, out)
 
 
@@ -71,12 +71,12 @@ def _projected_linear_equations(layer: ProjectedLinear, x: torch.Tensor, y: torc
     # y_c = sum_i gamma[c, i] * (W[c, i] x_i) + b_c: one small regression per output c.
     out, d = layer.weight.shape
     bias = layer.bias is not None
-    gram = torch.zeros(out, d + bias, d + bias, dtype=x.dtype)
-    rhs = torch.zeros(out, d + bias, dtype=x.dtype)
+    gram = torch.zeros(out, d + bias, d + bias, dtype=x.dtype, device=x.device)
+    rhs = torch.zeros(out, d + bias, dtype=x.dtype, device=x.device)
     for part in _chunks(len(x), 256):
         z = x[part, None, :] * layer.weight[None]  # (b, out, d)
         if bias:
-            z = torch.cat([z, torch.ones(*z.shape[:2], 1, dtype=z.dtype)], 2)
+            z = torch.cat([z, torch.ones(*z.shape[:2], 1, dtype=z.dtype, device=z.device)], 2)
         gram += torch.einsum("bci,bcj->cij", z, z)
         rhs += torch.einsum("bci,bc->ci", z, y[part])
     return gram, rhs[..., None]  # one system per output: (out, d, d), (out, d, 1)
@@ -103,13 +103,13 @@ def _conv_equations(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, bias: boo
     x, padding = _padded(conv, x)
     bias = conv.bias is not None if bias is None else bias
     d = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    gram = torch.zeros(d + bias, d + bias, dtype=x.dtype)
-    rhs = torch.zeros(d + bias, conv.out_channels, dtype=x.dtype)
+    gram = torch.zeros(d + bias, d + bias, dtype=x.dtype, device=x.device)
+    rhs = torch.zeros(d + bias, conv.out_channels, dtype=x.dtype, device=x.device)
     for part in _chunks(len(x), 64):
         patches = F.unfold(x[part], conv.kernel_size, conv.dilation, padding, conv.stride)  # (b, d, P)
         z = patches.transpose(1, 2).reshape(-1, d)
         if bias:
-            z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
+            z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], 1)
         target = y[part].flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
         gram += z.T @ z
         rhs += z.T @ target
@@ -148,8 +148,8 @@ def _projected_conv_equations(conv: ProjectedConv2d, x: torch.Tensor, y: torch.T
     # Filter (j, c) of input channel j = g * in_g + i is W[g * out_g + c, i].
     weight = conv.weight.reshape(groups, out_g, in_g, *conv.kernel_size).transpose(1, 2)
     weight = weight.reshape(conv.in_channels * out_g, 1, *conv.kernel_size).to(x.dtype)
-    gram = torch.zeros(out, in_g + bias, in_g + bias, dtype=x.dtype)
-    rhs = torch.zeros(out, in_g + bias, dtype=x.dtype)
+    gram = torch.zeros(out, in_g + bias, in_g + bias, dtype=x.dtype, device=x.device)
+    rhs = torch.zeros(out, in_g + bias, dtype=x.dtype, device=x.device)
     for part in _chunks(len(x), 32):
         if centre is not None:
             taps = weight[:, 0, centre[0], centre[1]].view(1, -1, 1, 1)

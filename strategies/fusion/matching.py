@@ -25,7 +25,7 @@ def neuron_points(acts: torch.Tensor, coords: torch.Tensor) -> np.ndarray:
     """(n, C, ...) activations -> (C, D): each channel a point over the chosen
     (sample, position) coordinates."""
     flat = acts.transpose(0, 1).reshape(acts.shape[1], -1)
-    return flat[:, coords].double().numpy()
+    return flat[:, coords.to(flat.device)].double().cpu().numpy()
 
 
 def _normalised(scores: torch.Tensor) -> np.ndarray:
@@ -76,15 +76,16 @@ def match_level(client_acts: list[torch.Tensor], scores: list[torch.Tensor], fus
         # Squared distances (cluster, channel) by the expansion: the broadcast difference
         # needs width^2 x coordinates of memory (5 GB for EfficientNet's 1280-wide head conv).
         cost = np.maximum((centers**2).sum(1)[:, None] + (current**2).sum(1)[None, :] - 2 * centers @ current.T, 0)
-        cost[empty.numpy()] = cost.max() + 1.0  # empty clusters go last
+        cost[empty.cpu().numpy()] = cost.max() + 1.0  # empty clusters go last
         rows, cols = linear_sum_assignment(cost)
         assigned = np.empty(width, dtype=np.int64)
         assigned[cols] = rows
         moved = float((assigned != np.arange(width)).mean()) if init == "fused" else float("nan")
 
-    targets = clusters[torch.from_numpy(assigned)].transpose(0, 1).float()
+    assigned = torch.from_numpy(assigned).to(clusters.device)
+    targets = clusters[assigned].transpose(0, 1).float()
     # A channel left with an empty cluster (or one of zero weight) keeps its current output as target.
-    keep = empty[torch.from_numpy(assigned)]
+    keep = empty[assigned]
     if keep.any():
         targets[:, keep] = fused_values[:, keep]
     power = float((targets.double() ** 2).mean()) or 1.0
@@ -96,13 +97,13 @@ def _cluster_means(values: list[torch.Tensor], labels: np.ndarray, weights: np.n
                    like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets over every coordinate, (K, n, ...): the weighted mean of each cluster's
     members' values; and which clusters are empty."""
-    sums = torch.zeros((width, *like.shape[:1], *like.shape[2:]), dtype=torch.float64)
-    mass = torch.zeros(width, dtype=torch.float64)
+    sums = torch.zeros((width, *like.shape[:1], *like.shape[2:]), dtype=torch.float64, device=like.device)
+    mass = torch.zeros(width, dtype=torch.float64, device=like.device)
     offset = 0
     for acts in values:
         c = acts.shape[1]
-        members = torch.from_numpy(labels[offset:offset + c]).long()
-        w = torch.from_numpy(weights[offset:offset + c])
+        members = torch.from_numpy(labels[offset:offset + c]).long().to(like.device)
+        w = torch.from_numpy(weights[offset:offset + c]).to(like.device)
         sums.index_add_(0, members, acts.transpose(0, 1).double() * w.view(-1, *[1] * (acts.dim() - 1)))
         mass.index_add_(0, members, w)
         offset += c
