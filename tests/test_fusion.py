@@ -240,19 +240,30 @@ def test_refinement_learns_the_teachers_classes_on_mixes_of_the_proxy_inputs():
     assert (nearest > 1e-3).float().mean() > 0.9
 
 
-def test_refinement_brings_the_fused_model_closer_to_its_target():
-    # Eight clients' first round at Dirichlet 0.3: the level-by-level fit agrees with its
-    # target on 88% of test images.
+def _first_round(attribution: str = "", local_epochs: int = 3) -> dict:
+    """Eight mnist-5k clients' first round at Dirichlet 0.3: their models, attribution
+    scores (with `attribution`) and class counts, the proxy and the test images."""
     spec = data.FederationSpec(dataset="mnist-5k", clients=8, alpha=0.3, proxy_size=500, seed=0)
-    task = TrainTask(federation=spec, attribution="", share_class_counts=True, server_round=1, lr=0.05, local_epochs=3)
+    task = TrainTask(federation=spec, attribution=attribution, share_class_counts=True, server_round=1, lr=0.05,
+                     local_epochs=local_epochs)
     federation = data.build_federation(spec)
     template = task.build_model(10)
     inputs = task.input_spec(federation.data)
-    proxy = torch.cat(list(data.BatchLoader(federation.proxy_images(), None, inputs, 256)))
-    test = torch.cat(list(data.BatchLoader(federation.data.test_images, None, inputs, 500)))
     updates = [local_update(task, p, models.exchanged_state(template)) for p in range(spec.clients)]
-    nets = [models.with_state(template, u.state).eval() for u in updates]
-    counts = torch.tensor([u.class_counts for u in updates], dtype=torch.float64)
+    return {
+        "nets": [models.with_state(template, u.state).eval() for u in updates],
+        "scores": [[torch.as_tensor(u.attributions[level.name]) for level in models.levels(template)]
+                   for u in updates] if attribution else None,
+        "counts": torch.tensor([u.class_counts for u in updates], dtype=torch.float64),
+        "proxy": torch.cat(list(data.BatchLoader(federation.proxy_images(), None, inputs, 256))),
+        "test": torch.cat(list(data.BatchLoader(federation.data.test_images, None, inputs, 500))),
+    }
+
+
+def test_refinement_brings_the_fused_model_closer_to_its_target():
+    # The level-by-level fit agrees with its target on 88% of test images.
+    clients = _first_round()
+    nets, counts, proxy, test = clients["nets"], clients["counts"], clients["proxy"], clients["test"]
     fitted, report = fuse(nets, [proxy], class_weights=counts, restarts=False)
     assert report["refine"] is None
     refined, report = fuse(nets, [proxy], class_weights=counts, restarts=False, refine_steps=1000)
@@ -267,29 +278,19 @@ def test_refinement_brings_the_fused_model_closer_to_its_target():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fusion_on_the_gpu_matches_the_cpu(mnist):
-    # Eight Dirichlet-0.3 clients of one round, fused with class weights, attributions and
-    # the refinement, once on each device from the same inputs.
-    spec = data.FederationSpec(dataset="mnist-5k", clients=8, alpha=0.3, proxy_size=500, seed=0)
-    task = TrainTask(federation=spec, attribution="gradxact", share_class_counts=True, server_round=1, lr=0.05,
-                     local_epochs=2)
-    federation = data.build_federation(spec)
-    template = task.build_model(10)
-    inputs = task.input_spec(federation.data)
-    proxy = torch.cat(list(data.BatchLoader(federation.proxy_images(), None, inputs, 256)))
-    test = torch.cat(list(data.BatchLoader(federation.data.test_images, None, inputs, 500)))
-    updates = [local_update(task, p, models.exchanged_state(template)) for p in range(spec.clients)]
-    nets = [models.with_state(template, u.state).eval() for u in updates]
-    scores = [[torch.as_tensor(u.attributions[level.name]) for level in models.levels(template)] for u in updates]
-    counts = torch.tensor([u.class_counts for u in updates], dtype=torch.float64)
+def test_fusion_on_the_gpu_matches_the_cpu():
+    # Fused with attributions, class weights and the refinement, once on each device.
+    clients = _first_round("gradxact", local_epochs=2)
     fused = {}
     for device in ("cpu", "cuda"):
-        fused[device], report = fuse(nets, [proxy], scores, class_weights=counts, restarts=False, refine_steps=300,
-                                     device=device)
+        fused[device], report = fuse(clients["nets"], [clients["proxy"]], clients["scores"],
+                                     class_weights=clients["counts"], restarts=False, refine_steps=300, device=device)
         assert next(fused[device].parameters()).device.type == "cpu"
         fused[device + " fits"] = [level["fit"] for level in report["levels"]]
-    assert all(next(m.parameters()).device.type == "cpu" for m in nets)  # the clients' models stay where they were
+    # The clients' models stay where they were.
+    assert all(next(m.parameters()).device.type == "cpu" for m in clients["nets"])
     assert fused["cpu fits"] == fused["cuda fits"]
     with torch.no_grad():
+        test = clients["test"]
         agreement = float((fused["cpu"](test).argmax(1) == fused["cuda"](test).argmax(1)).double().mean())
     assert agreement > 0.98, agreement
