@@ -22,7 +22,7 @@ DEMO_PROJECTED_ARGS := --dataset fashion-mnist --partition dirichlet --alpha 0.5
              --rounds 2 --local-epochs 1 --model efficientnet-lite0 --resolution 32 --lr 0.1 --momentum 0 --proxy-size 500 \
              --seed 0 --quiet
 
-.PHONY: setup demo demo-projected test test-slow bench bench-plan bench-one-shot bench-few-round bench-fusion-policy bench-byzantine bench-fusion-then-fedavg bench-fusion-target bench-smoke bench-micro bench-overhead bench-projection bench-fusion clean
+.PHONY: setup demo demo-projected test test-slow bench bench-plan bench-one-shot bench-few-round bench-fusion-policy bench-byzantine bench-fusion-then-fedavg bench-fusion-target bench-smoke bench-micro bench-overhead bench-projection bench-fusion gpu-check clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -52,6 +52,15 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
+
+# On a machine with CUDA: the server's GPU fusion and distillation against the CPU's
+# (tests skipped elsewhere), then the projected model's epoch and fusion times, the GPU's
+# fusion included (not run yet: no GPU has been lent to this project).
+gpu-check: setup
+	$(BIN)/python -c "import torch; print('CUDA devices:', torch.cuda.device_count())"
+	$(BIN)/python -m pytest -q -rs tests/test_fusion.py::test_fusion_on_the_gpu_matches_the_cpu \
+		tests/test_feddf.py::test_distillation_on_the_gpu_matches_the_cpu
+	$(BIN)/fedfuse lab projection --repeats 3 --threads 4
 
 # The headline grid (fusion, fusion-uniform, FedAvg, FedProx; 3 splits, 1 and 5 local
 # epochs, small CNN and projected EfficientNet-Lite0, 3 seeds): days on 2 cores, most of
