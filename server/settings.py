@@ -175,9 +175,10 @@ class RunSettings:
 
     def strategy_options(self) -> dict:
         """The server's own settings, for the strategy builders (each takes what it uses);
-        the server device resolved (`resolve_server_device`)."""
+        the server device resolved (`resolve_server_device`) for the strategies that merge."""
         options = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "task"}
-        return {**options, "server_device": str(resolve_server_device(self.server_device))}
+        merges = self.strategy in PROXY_STRATEGIES
+        return {**options, "server_device": str(resolve_server_device(self.server_device)) if merges else "cpu"}
 
     def train_task(self, full_finetune: bool = False) -> TrainTask:
         """The clients' task: fusion's inputs only for fusion; `full_finetune` is the phase

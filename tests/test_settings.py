@@ -157,4 +157,6 @@ def test_the_server_device_is_resolved_and_checked_before_any_work(tmp_path, cap
     assert main(["run", "--strategy", "feddf", "--server-device", f"cuda:{visible}", "--dataset", "digits",
                  "--proxy-size", "100", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "--server-device" in capsys.readouterr().err and not (tmp_path / "run").exists()
-    RunSettings.from_mapping({"strategy": "fedavg", "server-device": f"cuda:{visible}", "dataset": "digits"}).validate()
+    fedavg = RunSettings.from_mapping({"strategy": "fedavg", "server-device": f"cuda:{visible}", "dataset": "digits"})
+    fedavg.validate()
+    assert fedavg.strategy_options()["server_device"] == "cpu"
