@@ -51,7 +51,7 @@ class FedDF(CheckedMerge):
             temperature=self.temperature, seed=self.seed + server_round, device=self.device)
         candidates = {self.merged: distilled, "average": averaged}
         selected, figures = self.choose(server_round, valid, client_models, candidates, x_held, record)
-        record.extra.update(distill_s=report.seconds, server_device=str(self.device), distill_steps=report.steps, distill_best_step=report.best_step,
-                            distill_agreement_start=report.agreement_start,
+        record.extra.update(distill_s=report.seconds, server_device=str(self.device), distill_steps=report.steps,
+                            distill_best_step=report.best_step, distill_agreement_start=report.agreement_start,
                             distill_agreement_best=report.agreement_best, selected=selected, **figures)
         return array_record(models.exchanged_state(candidates[selected])), metrics
