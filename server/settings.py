@@ -14,6 +14,7 @@ import torch
 import data
 import models
 import strategies
+from clients import runtime
 from clients.task import FUSION, TrainTask
 from data.settings import (
     Check,
@@ -265,10 +266,11 @@ def flwr_run_config() -> dict:
 
 
 def resolve_server_device(name: str) -> torch.device:
-    """The torch device `--server-device` names: auto is the first CUDA device when this
-    process sees one, else the CPU. A CUDA device this process cannot see is an error."""
+    """The torch device `--server-device` names: auto is the process's own device as a
+    client picks it (cuda:0 when it sees CUDA, else the CPU). A CUDA device this process
+    cannot see is an error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return runtime.pick_device()
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):

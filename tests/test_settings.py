@@ -146,7 +146,7 @@ def test_a_server_setting_never_fills_the_internal_field_of_the_same_name():
 
 def test_the_server_device_is_resolved_and_checked_before_any_work(tmp_path, capsys):
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    assert resolve_server_device("auto") == torch.device("cuda" if visible else "cpu")
+    assert resolve_server_device("auto") == torch.device("cuda:0" if visible else "cpu")
     assert RunSettings.from_mapping({"strategy": "fusion"}).strategy_options()["server_device"] == \
         str(resolve_server_device("auto"))
     with pytest.raises(SettingsError, match=r"--server-device 'tpu': choose auto, cpu, cuda or cuda:N"):

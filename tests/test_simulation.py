@@ -113,7 +113,7 @@ def test_fusion_simulation_learns_and_shares_two_logical_gpus(tmp_path):
     for m in metrics:
         assert m["clients_used"] == 4 and m["fusion_s"] > 0 and m["levels_reverted"] < levels
         # Ray's logical GPUs are the clients'; the server fuses where its own process sees CUDA.
-        assert m["server_device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+        assert m["server_device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
         assert len(m["fit_loss_after"]) == levels
         assert all(a <= b for a, b in zip(m["fit_loss_after"], m["fit_loss_before"]))
         # The check ran on the clients (the ClientApp's evaluate handler, through Ray).
