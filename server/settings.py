@@ -34,6 +34,7 @@ from strategies.checked_merge import CHECKS as FUSION_CHECKS
 from strategies.checked_merge import TRAIN_FROM
 from strategies.fusion import HEAD_TARGETS
 from strategies.fusion.claims import CLAIM_CAP, SIZE_CAP
+from strategies.fusion.screening import SCREEN_RATIO
 from strategies.registry import PROXY_STRATEGIES
 
 MIN_FUSION_PROXY = 32
@@ -97,6 +98,11 @@ class RunSettings:
         SIZE_CAP, "cap each client's claimed example count at this many times the round's median claim, for the "
                   "average and the class histograms (0: believe every count)",
         check=Check(lambda v: v == 0 or v >= 1, "must be 0 (off) or at least 1"), strategies=FUSION)
+    fusion_screen: float = setting(
+        SCREEN_RATIO, "leave out of a round's fusion and average the models whose predictions on the proxy agree with "
+                      "the others' less than this share of the round's median, or whose update points against the "
+                      "median update (0: fuse every valid model)",
+        check=Check(lambda v: 0 <= v <= 1, "must be 0 (off) or in (0, 1]"), strategies=FUSION)
     server_lr: float = setting(1.0, "FedAvgM's server learning rate",
                                check=number(0, low_open=True, phrase="must be a positive number"),
                                strategies=("fedavgm",))

@@ -75,12 +75,14 @@ class CheckedMerge(RecordedRounds, FedAvg):
         # train_from "average": the last merged round's average, which the clients train
         # from next instead of the global model that went out.
         self._train_start: dict[str, np.ndarray] | None = None
+        self._round_start: ArrayRecord | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         # The check after the merge asks the same clients again, with the same task.
         self._grid, self._task_config = grid, dict(config)
         if self._train_start is not None:
             arrays = array_record(self._train_start)
+        self._round_start = arrays  # what this round's updates are measured from
         return super().configure_train(server_round, arrays, config, grid)
 
     def next_training_start(self, averaged: nn.Module | None) -> None:
@@ -161,22 +163,25 @@ class CheckedMerge(RecordedRounds, FedAvg):
         # local SGD from it diverged to NaN in round 4): a merged model goes out
         # temperature-scaled, so it is judged at its best temperature.
         unscaled = TEMPERATURES.index(1.0)
-        merged = [name for name in candidates if name != "average"]  # the merged model first: it wins ties
+        # The merged models first: they win ties. Averages (FedAvg's, and "average-all" when
+        # fusion screened clients out) go out as they are, not temperature-scaled.
+        merged = [name for name in candidates if not name.startswith("average")]
+        averages = [name for name in candidates if name.startswith("average")]
         best = {name: int(np.argmin(losses[name])) for name in merged}
         figures.update(**{f"check_loss_{name}": losses[name][best[name]] / examples for name in merged},
                        **{f"check_accuracy_{name}": accuracy[name] / examples for name in candidates},
-                       check_loss_average=losses["average"][unscaled] / examples)
+                       **{f"check_loss_{name}": losses[name][unscaled] / examples for name in averages})
         figures[f"check_loss_{self.merged}_unscaled"] = losses[self.merged][unscaled] / examples
         # Accuracy first: a fused model is often the more accurate but the less calibrated
         # (round 1 of EfficientNet-Lite0, Dirichlet 0.1: test accuracy 0.47 vs 0.15, loss
         # 3.1 vs 2.4), and accuracy is what the federation is after.
         score = {name: (figures[f"check_accuracy_{name}"], -figures[f"check_loss_{name}"]) for name in candidates}
-        selected = max(merged + ["average"], key=lambda name: score[name])
-        figures[f"{self.merged}_temperature"] = TEMPERATURES[best[self.merged if selected == "average" else selected]]
-        if selected == "average":
-            log(WARNING, "round %d: on the clients' data the weighted average is the more accurate (%.4f vs %.4f "
-                "for the merged model): it becomes the global model", server_round, figures["check_accuracy_average"],
-                figures[f"check_accuracy_{self.merged}"])
+        selected = max(merged + averages, key=lambda name: score[name])
+        figures[f"{self.merged}_temperature"] = TEMPERATURES[best[self.merged if selected in averages else selected]]
+        if selected in averages:
+            log(WARNING, "round %d: on the clients' data the weighted %s is the more accurate (%.4f vs %.4f "
+                "for the merged model): it becomes the global model", server_round, selected,
+                figures[f"check_accuracy_{selected}"], figures[f"check_accuracy_{self.merged}"])
         else:
             _scale_logits(candidates[selected], 1.0 / figures[f"{self.merged}_temperature"])
         return selected, figures

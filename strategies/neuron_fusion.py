@@ -19,6 +19,7 @@ import models
 from strategies.checked_merge import CheckedMerge
 from strategies.fusion import average_models, fuse, restate_norm_statistics
 from strategies.fusion.claims import CLAIM_CAP, SIZE_CAP, capped_sizes, checked_class_counts, predicted_shares
+from strategies.fusion.screening import SCREEN_RATIO, screen
 from strategies.messages import array_record
 from strategies.recording import RoundRecord
 from strategies.validation import reply_problem
@@ -41,7 +42,11 @@ class NeuronFusion(CheckedMerge):
     class by its share of that class's samples; `claim_cap` > 0 first checks each
     histogram against the model's own predictions (strategies.fusion.claims; 0 believes
     the clients). `size_cap` > 0 caps each example count at that many times the round's
-    median claim, for the average and the histograms (0: believed). `fusion_rounds`: when > 0, rounds after
+    median claim, for the average and the histograms (0: believed). `screen_ratio` > 0
+    leaves out of a round's fusion and average the models whose predictions on the proxy
+    agree with the others' less than that share of the round's median, or whose update
+    points against the median update (strategies.fusion.screening; 0: fuse every valid
+    model). `fusion_rounds`: when > 0, rounds after
     the first `fusion_rounds` send FedAvg's weighted average, unfused and unchecked, and
     ask the clients for neither attributions nor class histograms. `refine_steps`: the
     engine's end-to-end refinement of the fused model (0: none). `head_target`: what the
@@ -57,8 +62,8 @@ class NeuronFusion(CheckedMerge):
     def __init__(self, template: nn.Module, proxy: torch.Tensor, attribution: str = "gradxact",
                  num_classes: int | None = None, seed: int = 0, check: str = "clients", check_samples: int = 500,
                  fusion_rounds: int = 0, refine_steps: int = 0, train_from: str = "global", blends: int = 1,
-                 claim_cap: float = CLAIM_CAP, size_cap: float = SIZE_CAP, head_target: str = "log-probs",
-                 device: str = "cpu", **flower_kwargs):
+                 claim_cap: float = CLAIM_CAP, size_cap: float = SIZE_CAP, screen_ratio: float = SCREEN_RATIO,
+                 head_target: str = "log-probs", device: str = "cpu", **flower_kwargs):
         super().__init__(template, proxy, seed, check, check_samples, train_from, device, **flower_kwargs)
         self.attribution = attribution
         self.num_classes = num_classes
@@ -69,6 +74,9 @@ class NeuronFusion(CheckedMerge):
         self.blends = blends
         self.claim_cap = claim_cap
         self.size_cap = size_cap
+        if screen_ratio and not 0 < screen_ratio <= 1:
+            raise ValueError(f"the screen ratio must be 0 (off) or in (0, 1], got {screen_ratio}")
+        self.screen_ratio = screen_ratio
         self._fusing = True  # whether this round's replies are fused (set per round)
 
     def fuses(self, server_round: int) -> bool:
@@ -101,6 +109,10 @@ class NeuronFusion(CheckedMerge):
             record.extra["fusion_s"] = 0.0
             return contents[0]["arrays"], metrics
         client_models, averaged = self.clients_and_average(contents)
+        every_valid, average_of_all = valid, averaged
+        if self.fuses(server_round) and self.screen_ratio:
+            valid, contents, client_models, averaged = self._screen(server_round, valid, contents, client_models,
+                                                                    averaged, record)
         sizes = self.example_weights(contents)
         if self.size_cap:
             record.extra["sizes_capped"] = [self._partition(msg) for msg, size in zip(valid, sizes)
@@ -123,8 +135,12 @@ class NeuronFusion(CheckedMerge):
         if self._task_config.get("norm-stats") == "frozen":  # the clients' statistics, which they never update
             restate_norm_statistics(fused, averaged)
         candidates = {"fusion": fused, "average": averaged, **blends(averaged, fused, self.blends)}
-        selected, figures = self.choose(server_round, valid, client_models, candidates, check_part, record)
-        self.next_training_start(averaged)
+        if averaged is not average_of_all:
+            # Screened clients may be honest ones (non-IID models disagree early on): the
+            # check also weighs the average of every update, and asks every client.
+            candidates["average-all"] = average_of_all
+        selected, figures = self.choose(server_round, every_valid, client_models, candidates, check_part, record)
+        self.next_training_start(average_of_all if selected == "average-all" else averaged)
         levels = report["levels"]
         moved = [lv["moved"] for lv in levels if lv["kind"] != "head" and not math.isnan(lv["moved"])]
         record.extra.update(
@@ -139,6 +155,28 @@ class NeuronFusion(CheckedMerge):
             **figures,
         )
         return array_record(models.exchanged_state(candidates[selected])), metrics
+
+    def _screen(self, server_round: int, valid: list[Message], contents: list, client_models: list[nn.Module],
+                averaged: nn.Module, record: RoundRecord):
+        """Leave out the models `screen` flags (strategies.fusion.screening): the valid
+        replies, their contents and models, and the average, of the clients that stay. The
+        round's record lists every partition's figures and the screened partitions."""
+        start = None if self._round_start is None else models.with_state(self.template, self._round_start)
+        fit_part, _ = self._proxy_split()
+        result = screen(client_models, fit_part, start, self.screen_ratio)
+        partitions = [self._partition(msg) for msg in valid]
+        record.extra.update(screened=[partitions[i] for i in result.screened],
+                            screen_agreement=dict(zip(map(str, partitions), np.round(result.agreement, 4).tolist())),
+                            screen_cosine=dict(zip(map(str, partitions), np.round(result.cosine, 4).tolist())))
+        if not result.screened:
+            return valid, contents, client_models, averaged
+        log(WARNING, "round %d: the models of partitions %s disagree with the others (ensemble agreement or update "
+            "direction): they are left out of the fusion and the average", server_round, record.extra["screened"])
+        kept = [i for i in range(len(valid)) if i not in result.screened]
+        contents = [contents[i] for i in kept]
+        client_models = [client_models[i] for i in kept]
+        return [valid[i] for i in kept], contents, client_models, average_models(client_models,
+                                                                                self.example_weights(contents))
 
     def _class_weights(self, valid: list[Message], sizes: list[float], client_models: list[nn.Module],
                        proxy: torch.Tensor, record: RoundRecord) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Callable
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from strategies.fusion.claims import CLAIM_CAP, SIZE_CAP
+from strategies.fusion.screening import SCREEN_RATIO
 from strategies.recording import RecordedRounds, RoundRecord, mean_train_loss
 from strategies.robust import RecordedFedMedian, RecordedFedTrimmedAvg, RecordedKrum
 from strategies.sampling import PartitionSampler
@@ -32,15 +33,15 @@ def _flower_kwargs() -> dict:
 
 def _neuron_fusion(template, proxy, attribution="gradxact", num_classes=None, seed=0, fusion_check="clients",
                    check_samples=500, fusion_rounds=0, fusion_refine_steps=0, fusion_train_from="global",
-                   fusion_blends=1, fusion_claim_cap=CLAIM_CAP, fusion_size_cap=SIZE_CAP, fusion_head_target="log-probs",
-                   server_device="cpu", **_) -> RecordedRounds:
+                   fusion_blends=1, fusion_claim_cap=CLAIM_CAP, fusion_size_cap=SIZE_CAP, fusion_screen=SCREEN_RATIO,
+                   fusion_head_target="log-probs", server_device="cpu", **_) -> RecordedRounds:
     from strategies.neuron_fusion import NeuronFusion
 
     return NeuronFusion(template, proxy, attribution, num_classes, seed, check=fusion_check,
                         check_samples=check_samples, fusion_rounds=fusion_rounds, refine_steps=fusion_refine_steps,
                         train_from=fusion_train_from, blends=fusion_blends, claim_cap=fusion_claim_cap,
-                        size_cap=fusion_size_cap, head_target=fusion_head_target, device=server_device,
-                        **_flower_kwargs())
+                        size_cap=fusion_size_cap, screen_ratio=fusion_screen, head_target=fusion_head_target,
+                        device=server_device, **_flower_kwargs())
 
 
 def _feddf(template, proxy, seed=0, distill_check="off", check_samples=500, distill_steps=10_000, distill_lr=1e-3,

@@ -430,3 +430,34 @@ def test_with_frozen_norm_statistics_the_fused_model_keeps_the_clients_statistic
     assert (as_fitted[1].running_mean - template[1].running_mean).abs().max() > 1e-3  # the fit re-estimated them
     with torch.no_grad():
         assert torch.allclose(restated.eval()(proxy), as_fitted.eval()(proxy), atol=1e-4)
+
+
+def test_a_label_flipping_client_is_screened_out_of_the_fusion_and_the_average(round_one):
+    template, proxy, test, updates = round_one
+    start = models.exchanged_state(template)
+    flipper = TrainTask(**{**TrainTask(federation=SPEC, attribution="gradxact", share_class_counts=True,
+                                       server_round=1, lr=0.05, local_epochs=3).__dict__,
+                           "attackers": SPEC.clients, "attack": "label-flip"})
+    replies = [_message(0, local_update(flipper, 0, start))] + [_message(p, u) for p, u in enumerate(updates) if p]
+    screening = _strategy(template, proxy, fusion_train_from="average")
+    screening._round_start = ArrayRecord({k: Array(v) for k, v in start.items()})  # as configure_train keeps it
+    defended, _ = screening.aggregate_train(1, replies)
+    extra = screening.current.extra
+    assert extra["screened"] == [0] and extra["screen_agreement"]["0"] < 0.5 * np.median(
+        list(extra["screen_agreement"].values()))
+    # Every client checks the candidates, the average of every update among them.
+    assert len(screening._grid.sent) == 4 and "average-all" in screening._grid.sent[0].content.array_records
+    # Unless that average wins the check, the clients train next from the average of the three others.
+    kept = [models.with_state(template, u.state) for u in updates[1:]]
+    three = models.exchanged_state(strategies.fusion.average_models(kept, [u.metrics["num-examples"]
+                                                                           for u in updates[1:]]))
+    assert extra["selected"] != "average-all"
+    assert all(np.allclose(screening.server_state()["train_start"][k], three[k], atol=1e-5) for k in three)
+    # Checked or not, the screened model reaches neither the fused model nor the average: with
+    # the check off, the round sends what fusing the three others alone sends.
+    screened_off, _ = _strategy(template, proxy, fusion_check="off").aggregate_train(1, replies)
+    three_off, _ = _strategy(template, proxy, fusion_check="off").aggregate_train(1, replies[1:])
+    assert all(np.array_equal(screened_off[k].numpy(), three_off[k].numpy()) for k in three_off)
+    fooled, _ = _strategy(template, proxy, fusion_screen=0).aggregate_train(1, replies)
+    # Measured: 0.66 defended, 0.43 fooled (0.81 with partition 0 honest).
+    assert _accuracy(template, defended, test) > _accuracy(template, fooled, test) + 0.1
