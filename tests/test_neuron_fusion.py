@@ -432,13 +432,19 @@ def test_with_frozen_norm_statistics_the_fused_model_keeps_the_clients_statistic
         assert torch.allclose(restated.eval()(proxy), as_fitted.eval()(proxy), atol=1e-4)
 
 
-def test_a_label_flipping_client_is_screened_out_of_the_fusion_and_the_average(round_one):
+@pytest.fixture(scope="module")
+def label_flipped(round_one):
+    """Partition 0's update after the same round, trained on flipped labels."""
+    template = round_one[0]
+    flipper = TrainTask(federation=SPEC, attribution="gradxact", share_class_counts=True, server_round=1, lr=0.05,
+                        local_epochs=3, attackers=SPEC.clients, attack="label-flip")
+    return local_update(flipper, 0, models.exchanged_state(template))
+
+
+def test_a_label_flipping_client_is_screened_out_of_the_fusion_and_the_average(round_one, label_flipped):
     template, proxy, test, updates = round_one
     start = models.exchanged_state(template)
-    flipper = TrainTask(**{**TrainTask(federation=SPEC, attribution="gradxact", share_class_counts=True,
-                                       server_round=1, lr=0.05, local_epochs=3).__dict__,
-                           "attackers": SPEC.clients, "attack": "label-flip"})
-    replies = [_message(0, local_update(flipper, 0, start))] + [_message(p, u) for p, u in enumerate(updates) if p]
+    replies = [_message(0, label_flipped)] + [_message(p, u) for p, u in enumerate(updates) if p]
     screening = _strategy(template, proxy, fusion_train_from="average")
     screening._round_start = ArrayRecord({k: Array(v) for k, v in start.items()})  # as configure_train keeps it
     defended, _ = screening.aggregate_train(1, replies)
@@ -461,3 +467,31 @@ def test_a_label_flipping_client_is_screened_out_of_the_fusion_and_the_average(r
     fooled, _ = _strategy(template, proxy, fusion_screen=0).aggregate_train(1, replies)
     # Measured: 0.66 defended, 0.43 fooled (0.81 with partition 0 honest).
     assert _accuracy(template, defended, test) > _accuracy(template, fooled, test) + 0.1
+
+
+class FavouringGrid(ClientsGrid):
+    """Real clients, except that every one rates the given candidate perfect."""
+
+    def __init__(self, favoured):
+        super().__init__()
+        self.favoured = favoured
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = super().send_and_receive(messages, timeout)
+        for reply in replies:
+            reply.content["metrics"][f"{self.favoured}-accuracy"] = 1.0
+        return replies
+
+
+def test_when_the_clients_prefer_the_average_of_every_update_it_goes_out_unscaled_and_they_train_from_it(
+        round_one, label_flipped):
+    template, proxy, test, updates = round_one
+    replies = [_message(0, label_flipped)] + [_message(p, u) for p, u in enumerate(updates) if p]
+    strategy = _strategy(template, proxy, fusion_train_from="average", grid=FavouringGrid("average-all"))
+    sent, _ = strategy.aggregate_train(1, replies)
+    assert strategy.current.extra["screened"] == [0] and strategy.current.extra["selected"] == "average-all"
+    every = [models.with_state(template, {k: v.numpy() for k, v in r.content["arrays"].items()}) for r in replies]
+    average = models.exchanged_state(strategies.fusion.average_models(
+        every, [r.content["metrics"]["num-examples"] for r in replies]))
+    assert all(np.allclose(sent[k].numpy(), average[k], atol=1e-6) for k in average)  # not temperature-scaled
+    assert all(np.allclose(strategy.server_state()["train_start"][k], average[k], atol=1e-6) for k in average)
