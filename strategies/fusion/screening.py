@@ -6,18 +6,18 @@ attacks). Two tests, in the terms fusion already works in, flag a model:
 - Its predictions on the proxy disagree with the others'. For each model, the share of
   proxy samples on which its class is the one the other models' mean softmax predicts
   (leave-one-out ensemble agreement), against the round's median share. Label-flip
-  clients (Fashion-MNIST, 2 of 10, along a FedAvg trajectory, seeds 0-1, rounds 2-5)
-  agreed at 0-19% of the median; honest clients at Dirichlet 0.5 at 73% or more. At
-  Dirichlet 0.1 an honest client, whose model predicts little but its own classes, fell
-  to 0-14% of the median in rounds 1-2 (and 25-33% later): this test alone cannot tell
-  it from an attacker early on, which is why a screened round also offers the check the
+  models (Fashion-MNIST, 2 of 10, along FedAvg's trajectory, seeds 0-2, rounds 2-5) agreed
+  at 0-23% of the median at Dirichlet 0.5, honest ones at 35% or more. At Dirichlet 0.1 an
+  honest model predicts little but its own classes and fell as low as 0% in rounds 1-3,
+  while one label-flip model of three seeds was never below the median: this test alone
+  cannot tell them apart there, which is why a screened round also offers the check the
   average of every update (`NeuronFusion`).
 - Its update points against the others'. The cosine of each update (model minus the
-  model the client trained from) to the coordinate-wise median update: sign-flip
-  clients at Dirichlet 0.5 were at -0.41 to -0.68, honest ones at +0.25 or more (at
-  Dirichlet 0.1, +0.10 or more; sign-flip ones were positive there, so not caught).
+  model the client trained from) to the coordinate-wise median update: sign-flipped
+  updates at Dirichlet 0.5 were at -0.41 to -0.68, honest ones at +0.25 or more (at
+  Dirichlet 0.1 all were positive, honest ones +0.10 or more: none is flagged there).
 
-At most `max_share` of the models are screened, the least agreeing first: a majority
+docs/method.md (`--fusion-screen`) gives the figures. At most `max_share` of the models are screened, the least agreeing first: a majority
 must stay to be fused."""
 
 from __future__ import annotations
