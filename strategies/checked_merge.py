@@ -179,7 +179,7 @@ class CheckedMerge(RecordedRounds, FedAvg):
         selected = max(merged + averages, key=lambda name: score[name])
         figures[f"{self.merged}_temperature"] = TEMPERATURES[best[self.merged if selected in averages else selected]]
         if selected in averages:
-            log(WARNING, "round %d: on the clients' data the weighted %s is the more accurate (%.4f vs %.4f "
+            log(WARNING, "round %d: on the clients' data the weighted average (%s) is the more accurate (%.4f vs %.4f "
                 "for the merged model): it becomes the global model", server_round, selected,
                 figures[f"check_accuracy_{selected}"], figures[f"check_accuracy_{self.merged}"])
         else:
