@@ -44,9 +44,9 @@ class NeuronFusion(CheckedMerge):
     the clients). `size_cap` > 0 caps each example count at that many times the round's
     median claim, for the average and the histograms (0: believed). `screen_ratio` > 0
     leaves out of a round's fusion and average the models whose predictions on the proxy
-    agree with the others' less than that share of the round's median, or whose update
-    points against the median update (strategies.fusion.screening; 0: fuse every valid
-    model). `fusion_rounds`: when > 0, rounds after
+    agree with the others' less than that share of the round's median, or whose training
+    lowered the predicted shares of the classes they claim (strategies.fusion.screening;
+    0: fuse every valid model). `fusion_rounds`: when > 0, rounds after
     the first `fusion_rounds` send FedAvg's weighted average, unfused and unchecked, and
     ask the clients for neither attributions nor class histograms. `refine_steps`: the
     engine's end-to-end refinement of the fused model (0: none). `head_target`: what the
@@ -162,16 +162,18 @@ class NeuronFusion(CheckedMerge):
         replies, their contents and models, and the average, of the clients that stay. The
         round's record lists every partition's figures and the screened partitions."""
         start = None if self._round_start is None else models.with_state(self.template, self._round_start)
+        claimed = None if self.num_classes is None else torch.tensor(
+            [content["class-counts"]["counts"] for content in contents], dtype=torch.float64)
         fit_part, _ = self._proxy_split()
-        result = screen(client_models, fit_part, start, self.screen_ratio)
-        partitions = [self._partition(msg) for msg in valid]
-        record.extra.update(screened=[partitions[i] for i in result.screened],
-                            screen_agreement=dict(zip(map(str, partitions), np.round(result.agreement, 4).tolist())),
-                            screen_cosine=dict(zip(map(str, partitions), np.round(result.cosine, 4).tolist())))
+        result = screen(client_models, fit_part, start, claimed, self.screen_ratio)
+        partitions = [str(self._partition(msg)) for msg in valid]
+        record.extra.update(screened=[int(partitions[i]) for i in result.screened],
+                            screen_agreement=dict(zip(partitions, np.round(result.agreement, 4).tolist())),
+                            screen_alignment=dict(zip(partitions, np.round(result.alignment, 4).tolist())))
         if not result.screened:
             return valid, contents, client_models, averaged
-        log(WARNING, "round %d: the models of partitions %s disagree with the others (ensemble agreement or update "
-            "direction): they are left out of the fusion and the average", server_round, record.extra["screened"])
+        log(WARNING, "round %d: the models of partitions %s disagree with the others' predictions or unlearnt their "
+            "own classes: they are left out of the fusion and the average", server_round, record.extra["screened"])
         kept = [i for i in range(len(valid)) if i not in result.screened]
         contents = [contents[i] for i in kept]
         client_models = [client_models[i] for i in kept]

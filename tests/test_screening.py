@@ -1,4 +1,5 @@
-"""Fusion's screen of well-formed but hostile models, on tiny real networks."""
+"""Fusion's screen of well-formed but hostile models, on tiny real networks trained on
+Gaussian blobs (4 classes, 12 dimensions)."""
 
 import copy
 
@@ -6,81 +7,100 @@ import pytest
 import torch
 from torch import nn
 
-from strategies.fusion.screening import ensemble_agreements, screen, update_cosines
+from strategies.fusion.screening import claim_alignments, ensemble_agreements, screen
 
-CLASSES = 4
-
-
-def _net() -> nn.Module:
-    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, CLASSES))
+CLASSES, DIM = 4, 12
 
 
-def _moved(model: nn.Module, update: list[torch.Tensor], sign: float = 1.0) -> nn.Module:
-    moved = copy.deepcopy(model)
-    with torch.no_grad():
-        for p, u in zip(moved.parameters(), update):
-            p.add_(sign * u)
-    return moved
+def _blobs(n: int, classes: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    centres = torch.eye(CLASSES, DIM) * 3
+    labels = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=generator)]
+    return centres[labels] + torch.randn(n, DIM, generator=generator), labels
 
 
-@pytest.fixture()
-def federation():
-    """A start model and six honest clients: a shared update plus a small private one each."""
-    torch.manual_seed(0)
-    start = _net()
-    shared = [0.05 * torch.randn_like(p) for p in start.parameters()]
-    clients = [_moved(start, [s + 0.01 * torch.randn_like(s) for s in shared]) for _ in range(6)]
-    return start, shared, clients, torch.randn(400, 12)
+def _trained(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 30) -> nn.Module:
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model
 
 
-def _flipped_labels(model: nn.Module) -> nn.Module:
-    """The same model with its class outputs reversed: class c is answered as C - 1 - c."""
+def _sign_flipped(model: nn.Module, start: nn.Module) -> nn.Module:
+    """start - (model - start): the honest update reversed, as clients.attacks sends it."""
     flipped = copy.deepcopy(model)
     with torch.no_grad():
-        flipped[2].weight.copy_(model[2].weight.flip(0))
-        flipped[2].bias.copy_(model[2].bias.flip(0))
+        for f, m, s in zip(flipped.parameters(), model.parameters(), start.parameters()):
+            f.copy_(2 * s - m)
     return flipped
 
 
+def _label_flipped(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+    return _trained(model, x, CLASSES - 1 - y)
+
+
+@pytest.fixture(scope="module")
+def federation():
+    """A start model trained briefly on every class, and six clients that each trained from
+    it on a shard of two classes (non-IID), with their class histograms."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    start = _trained(nn.Sequential(nn.Linear(DIM, 16), nn.ReLU(), nn.Linear(16, CLASSES)),
+                     *_blobs(400, list(range(CLASSES)), generator), steps=5)
+    shards = [_blobs(200, [c, (c + 1) % CLASSES], generator) for c in (0, 1, 2, 3, 0, 2)]
+    clients = [_trained(start, x, y) for x, y in shards]
+    counts = torch.stack([torch.bincount(y, minlength=CLASSES) for _, y in shards]).double()
+    proxy, _ = _blobs(400, list(range(CLASSES)), generator)
+    return start, shards, clients, counts, proxy
+
+
 def test_honest_clients_pass_and_a_label_flipped_model_is_screened(federation):
-    start, _, clients, proxy = federation
-    honest = screen(clients, proxy, start)
-    assert honest.screened == [] and min(honest.agreement) > 0.9 and min(honest.cosine) > 0.5
-    attacked = clients[:3] + [_flipped_labels(clients[3])] + clients[4:]
-    result = screen(attacked, proxy, start)
+    start, shards, clients, counts, proxy = federation
+    honest = screen(clients, proxy, start, counts)
+    assert honest.screened == [] and min(honest.alignment) > 0
+    flipped = _label_flipped(start, *shards[3])
+    flipped_counts = counts.clone()
+    flipped_counts[3] = counts[3].flip(0)  # it reports the labels it trained on
+    result = screen(clients[:3] + [flipped] + clients[4:], proxy, start, flipped_counts)
     assert result.screened == [3]
     assert result.agreement[3] < 0.5 * sorted(result.agreement)[3]
-    assert result.cosine[3] > 0  # its weights moved as the others': only its predictions give it away
+    assert result.alignment[3] > 0  # its histogram matches what it learnt: only its predictions give it away
 
 
-def test_a_sign_flipped_update_is_screened_by_its_direction(federation):
-    start, shared, clients, proxy = federation
-    flipped = _moved(start, [p0 - p1 for p0, p1 in zip(start.parameters(), clients[0].parameters())])
-    attacked = [flipped] + clients[1:]
-    result = screen(attacked, proxy, start)
-    assert result.screened == [0] and result.cosine[0] < -0.9
-    assert min(result.cosine[1:]) > 0.5
-    # Without the model the clients trained from, the direction is unknown: only agreement counts.
-    assert all(c != c for c in screen(attacked, proxy, None).cosine)  # nan
+def test_a_sign_flipped_model_is_screened_for_unlearning_its_claimed_classes(federation):
+    start, shards, clients, counts, proxy = federation
+    attacked = [_sign_flipped(clients[0], start)] + clients[1:]
+    alignment = claim_alignments(attacked, start, counts, proxy)
+    assert alignment[0] < 0 < min(alignment[1:])
+    # With agreement all but off, unlearning alone flags it.
+    assert screen(attacked, proxy, start, counts, ratio=0.01).screened == [0]
+    # Without the start model or the histograms the test is off: nan, and agreement alone decides.
+    assert all(a != a for a in screen(attacked, proxy, None, counts).alignment)
+    assert all(a != a for a in screen(attacked, proxy, start, None).alignment)
 
 
-def test_fewer_than_half_are_screened_the_least_agreeing_first(federation):
-    start, _, clients, proxy = federation
-    # Four of six models disagree with the rest; at most two (fewer than half) are screened.
-    attacked = [_flipped_labels(m) for m in clients[:4]] + clients[4:]
-    result = screen(attacked, proxy, start, ratio=1.0)
-    assert len(result.screened) == 2
-    assert [result.agreement[i] for i in result.screened] == sorted(result.agreement)[:2]
-    assert screen(clients[:2], proxy, start).screened == []  # two models: neither is the odd one out
+def test_fewer_than_half_are_screened_unlearning_first_then_the_least_agreeing(federation):
+    start, shards, clients, counts, proxy = federation
+    flipped = [_sign_flipped(clients[0], start)] + [_label_flipped(start, *shard) for shard in shards[1:4]]
+    attacked = flipped + clients[4:]
+    result = screen(attacked, proxy, start, counts, ratio=1.0)
+    assert len(result.screened) == 2  # of six models, at most two
+    assert result.screened[0] == 0  # the one that unlearnt its classes comes first
+    assert screen(clients[:2], proxy, start, counts).screened == []  # two models: neither is the odd one out
     with pytest.raises(ValueError, match="ratio"):
-        screen(clients, proxy, start, ratio=0)
+        screen(clients, proxy, start, counts, ratio=0)
 
 
-def test_agreement_and_cosine_are_leave_one_out_and_scale_free(federation):
-    start, shared, clients, proxy = federation
-    # Agreement of one model with the other's predictions: identical models agree fully.
+def test_agreement_is_leave_one_out(federation):
+    _, _, clients, _, proxy = federation
+    # Identical models agree fully with each other's predictions.
     assert ensemble_agreements([clients[0], copy.deepcopy(clients[0])], proxy) == [1.0, 1.0]
-    # A model whose update is twice another's has the same cosine.
-    doubled = _moved(start, [2 * (p1 - p0) for p0, p1 in zip(start.parameters(), clients[0].parameters())])
-    cosines = update_cosines([clients[0], doubled] + clients[1:], start)
-    assert cosines[0] == pytest.approx(cosines[1], rel=1e-6)
+    # A model is judged by the others' ensemble only: with two copies of B, A's agreement
+    # is the share of samples where A predicts B's class, whatever A itself says.
+    a, b = clients[0], clients[1]  # shards {0, 1} and {1, 2}
+    with torch.no_grad():
+        same = (a(proxy).argmax(1) == b(proxy).argmax(1)).double().mean().item()
+    assert 0 < same < 1
+    assert ensemble_agreements([a, b, copy.deepcopy(b)], proxy)[0] == pytest.approx(same)

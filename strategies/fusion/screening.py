@@ -1,24 +1,30 @@
 """Which clients fusion leaves out of a round: well-formed updates that look like attacks.
 
 Validation refuses broken replies; a Byzantine client sends well-formed ones (clients.
-attacks). Two tests, in the terms fusion already works in, flag a model:
+attacks). Two tests, on what fusion already holds (the models, the unlabeled proxy, the
+class histograms), flag a model:
 
-- Its predictions on the proxy disagree with the others'. For each model, the share of
-  proxy samples on which its class is the one the other models' mean softmax predicts
-  (leave-one-out ensemble agreement), against the round's median share. Label-flip
-  models (Fashion-MNIST, 2 of 10, along FedAvg's trajectory, seeds 0-2, rounds 2-5) agreed
-  at 0-23% of the median at Dirichlet 0.5, honest ones at 35% or more. At Dirichlet 0.1 an
-  honest model predicts little but its own classes and fell as low as 0% in rounds 1-3,
-  while one label-flip model of three seeds was never below the median: this test alone
-  cannot tell them apart there, which is why a screened round also offers the check the
-  average of every update (`NeuronFusion`).
-- Its update points against the others'. The cosine of each update (model minus the
-  model the client trained from) to the coordinate-wise median update: sign-flipped
-  updates at Dirichlet 0.5 were at -0.41 to -0.68, honest ones at +0.25 or more (at
-  Dirichlet 0.1 all were positive, honest ones +0.10 or more: none is flagged there).
+- Its predictions disagree with the others'. For each model, the share of proxy samples
+  on which its class is the one the other models' mean softmax predicts (leave-one-out
+  ensemble agreement), against the round's median share. Label-flip models (Fashion-MNIST,
+  2 of 10, along FedAvg's trajectory, seeds 0-2, rounds 2-5) agreed at 0-23% of the median
+  at Dirichlet 0.5, honest ones at 35% or more. At Dirichlet 0.1 an honest model predicts
+  little but its own classes and fell as low as 0% in rounds 1-3, while one label-flip
+  model of three seeds was never below the median: there this test cannot tell them
+  apart, which is why a screened round also offers the check the average of every update
+  (`NeuronFusion`).
+- Its training moved its predictions away from the classes it claims to hold. Local SGD
+  on a shard raises the model's predicted shares of the shard's classes: the alignment
+  sum_c claimed_c log(predicted_c / predicted_by_start_c), over the proxy, was +0.40 or
+  more for every honest model at Dirichlet 0.1 and +0.04 or more at 0.5 (once -0.26),
+  while a sign-flipped update, which unlearns what the shard taught, scored -0.16
+  to -4.65 in every round of both splits. (The update's cosine to the median update, the
+  first test tried, caught sign-flips at Dirichlet 0.5 only: at 0.1 honest updates are
+  near orthogonal, and the flipped ones scored positive.) Noise updates score about 0.
 
-docs/method.md (`--fusion-screen`) gives the figures. At most `max_share` of the models are screened, the least agreeing first: a majority
-must stay to be fused."""
+docs/method.md (`--fusion-screen`) gives the figures. At most `max_share` of the models
+are screened (a majority must stay to be fused): those moving away from their claims
+first, then the least agreeing."""
 
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector
+
+from strategies.fusion.claims import predicted_shares
 
 SCREEN_RATIO = 0.5  # the default: flag agreement below half the round's median
 MAX_SHARE = 0.5  # screen fewer than half the models
@@ -35,9 +42,9 @@ MAX_SHARE = 0.5  # screen fewer than half the models
 
 @dataclass
 class Screening:
-    screened: list[int]  # indices of the flagged models, least agreeing first
+    screened: list[int]  # indices of the flagged models, in the order they were taken
     agreement: list[float]  # per model, its leave-one-out ensemble agreement on the proxy
-    cosine: list[float]  # per model, its update's cosine to the median update (nan without a start)
+    alignment: list[float]  # per model, how its training moved its predictions toward its claims (nan: unknown)
 
 
 @torch.no_grad()
@@ -56,30 +63,38 @@ def ensemble_agreements(models: list[nn.Module], proxy: torch.Tensor, batch_size
     return [float((p.argmax(1) == (total - p).argmax(1)).double().mean()) for p in probs]
 
 
-@torch.no_grad()
-def update_cosines(models: list[nn.Module], start: nn.Module) -> list[float]:
-    """Per model, the cosine of its parameter update from `start` to the coordinate-wise
-    median of all the models' updates."""
-    origin = parameters_to_vector(start.parameters()).double()
-    updates = torch.stack([parameters_to_vector(m.parameters()).double() - origin for m in models])
-    median = updates.median(0).values
-    norms = updates.norm(dim=1) * median.norm()
-    return [float(u @ median / n) if n > 0 else 0.0 for u, n in zip(updates, norms)]
+def claim_alignments(models: list[nn.Module], start: nn.Module, class_counts: torch.Tensor,
+                     proxy: torch.Tensor) -> list[float]:
+    """Per model, sum_c q_c log(p_c / p0_c): q its claimed class histogram (normalised), p
+    its mean softmax on the proxy, p0 that of `start`, the model it trained from. Positive
+    when training raised the predicted shares of the classes it claims."""
+    shares = predicted_shares(models, proxy).clamp_min(1e-12)
+    before = predicted_shares([start], proxy)[0].clamp_min(1e-12)
+    claimed = class_counts.double()
+    claimed = claimed / claimed.sum(1, keepdim=True).clamp_min(1)
+    return (claimed * (shares / before).log()).sum(1).tolist()
 
 
-def screen(models: list[nn.Module], proxy: torch.Tensor, start: nn.Module | None, ratio: float = SCREEN_RATIO,
+def screen(models: list[nn.Module], proxy: torch.Tensor, start: nn.Module | None = None,
+           class_counts: torch.Tensor | None = None, ratio: float = SCREEN_RATIO,
            max_share: float = MAX_SHARE) -> Screening:
     """Flag the models whose ensemble agreement is below `ratio` x the round's median, or
-    whose update has a negative cosine to the median update (when `start`, the model the
-    clients trained from, is known); at most `max_share` of them, the least agreeing first."""
+    (given `start`, the model the clients trained from, and their `class_counts`, models x
+    classes) whose training moved their predictions away from their claimed classes; at
+    most `max_share` of them, those moving away from their claims first, then the least
+    agreeing."""
     if not 0 < ratio <= 1:
         raise ValueError(f"the screen ratio must be in (0, 1], got {ratio}")
+    unknown = [float("nan")] * len(models)
     if len(models) < 3:  # two models: neither is the odd one out
-        return Screening([], [float("nan")] * len(models), [float("nan")] * len(models))
+        return Screening([], unknown, unknown)
     agreement = ensemble_agreements(models, proxy)
-    cosine = update_cosines(models, start) if start is not None else [float("nan")] * len(models)
+    alignment = unknown if start is None or class_counts is None else \
+        claim_alignments(models, start, class_counts, proxy)
     bound = ratio * float(np.median(agreement))
-    flagged = [i for i in range(len(models)) if agreement[i] < bound or cosine[i] < 0]
-    flagged.sort(key=lambda i: agreement[i])
+    flagged = [i for i in range(len(models)) if agreement[i] < bound or alignment[i] < 0]
+    # Unlearning its own claimed classes is the stronger evidence: honest models disagree
+    # with the others when shards are skewed, but they learn what they hold.
+    flagged.sort(key=lambda i: (not alignment[i] < 0, agreement[i]))
     most = int(np.ceil(len(models) * max_share)) - 1
-    return Screening(flagged[:most], agreement, cosine)
+    return Screening(flagged[:most], agreement, alignment)
