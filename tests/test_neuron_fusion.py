@@ -495,3 +495,20 @@ def test_when_the_clients_prefer_the_average_of_every_update_it_goes_out_unscale
         every, [r.content["metrics"]["num-examples"] for r in replies]))
     assert all(np.allclose(sent[k].numpy(), average[k], atol=1e-6) for k in average)  # not temperature-scaled
     assert all(np.allclose(strategy.server_state()["train_start"][k], average[k], atol=1e-6) for k in average)
+
+
+def test_a_sign_flipping_client_is_screened_for_unlearning_the_classes_it_claims(round_one):
+    template, proxy, test, updates = round_one
+    start = models.exchanged_state(template)
+    flipped = attacks.attack_update(updates[0], start, "sign-flip", seed=0, server_round=1, partition_id=0)
+    replies = [_message(0, flipped)] + [_message(p, u) for p, u in enumerate(updates) if p]
+    strategy = _strategy(template, proxy, fusion_check="off")
+    strategy._round_start = ArrayRecord({k: Array(v) for k, v in start.items()})  # as configure_train keeps it
+    strategy.aggregate_train(1, replies)
+    alignment = strategy.current.extra["screen_alignment"]
+    assert strategy.current.extra["screened"] == [0]
+    assert alignment["0"] < 0 < min(alignment[p] for p in ("1", "2", "3"))
+    # Without the model the clients trained from, the test cannot run, and says so.
+    unknown = _strategy(template, proxy, fusion_check="off")
+    unknown.aggregate_train(1, replies)
+    assert all(value != value for value in unknown.current.extra["screen_alignment"].values())
