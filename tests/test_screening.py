@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from strategies.fusion.screening import claim_alignments, ensemble_agreements, screen
+from strategies.fusion.screening import MIN_MEDIAN_AGREEMENT, claim_alignments, ensemble_agreements, screen
 
 CLASSES, DIM = 4, 12
 
@@ -44,12 +44,12 @@ def _label_flipped(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> nn.Mod
 @pytest.fixture(scope="module")
 def federation():
     """A start model trained briefly on every class, and six clients that each trained from
-    it on a shard of two classes (non-IID), with their class histograms."""
+    it on a shard of three classes (non-IID), with their class histograms."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     start = _trained(nn.Sequential(nn.Linear(DIM, 16), nn.ReLU(), nn.Linear(16, CLASSES)),
                      *_blobs(400, list(range(CLASSES)), generator), steps=5)
-    shards = [_blobs(200, [c, (c + 1) % CLASSES], generator) for c in (0, 1, 2, 3, 0, 2)]
+    shards = [_blobs(200, [c, (c + 1) % CLASSES, (c + 2) % CLASSES], generator) for c in (0, 1, 2, 3, 0, 2)]
     clients = [_trained(start, x, y) for x, y in shards]
     counts = torch.stack([torch.bincount(y, minlength=CLASSES) for _, y in shards]).double()
     proxy, _ = _blobs(400, list(range(CLASSES)), generator)
@@ -99,8 +99,23 @@ def test_agreement_is_leave_one_out(federation):
     assert ensemble_agreements([clients[0], copy.deepcopy(clients[0])], proxy) == [1.0, 1.0]
     # A model is judged by the others' ensemble only: with two copies of B, A's agreement
     # is the share of samples where A predicts B's class, whatever A itself says.
-    a, b = clients[0], clients[1]  # shards {0, 1} and {1, 2}
+    a, b = clients[0], clients[1]  # shards {0, 1, 2} and {1, 2, 3}
     with torch.no_grad():
         same = (a(proxy).argmax(1) == b(proxy).argmax(1)).double().mean().item()
     assert 0 < same < 1
     assert ensemble_agreements([a, b, copy.deepcopy(b)], proxy)[0] == pytest.approx(same)
+
+
+def test_agreement_stands_down_when_the_models_disagree_anyway(federation):
+    start, _, _, _, proxy = federation
+    # Models that know nothing but their one class agree little with any ensemble: the
+    # median falls below the floor, and none is screened for disagreeing, though their
+    # agreements differ.
+    generator = torch.Generator().manual_seed(1)
+    shards = [_blobs(200, [c], generator) for c in range(CLASSES)]
+    specialists = [_trained(start, x, y, steps=100) for x, y in shards]
+    counts = torch.stack([torch.bincount(y, minlength=CLASSES) for _, y in shards]).double()
+    result = screen(specialists, proxy, start, counts, ratio=1.0)
+    assert sorted(result.agreement)[1] < MIN_MEDIAN_AGREEMENT
+    assert min(result.agreement) < max(result.agreement) and min(result.alignment) > 0
+    assert result.screened == []
