@@ -85,11 +85,10 @@ def screen(models: list[nn.Module], proxy: torch.Tensor, start: nn.Module | None
            class_counts: torch.Tensor | None = None, ratio: float = SCREEN_RATIO,
            max_share: float = MAX_SHARE) -> Screening:
     """Flag the models whose ensemble agreement is below `ratio` x the round's median (when
-    that median is at least MIN_MEDIAN_AGREEMENT), or
-    (given `start`, the model the clients trained from, and their `class_counts`, models x
-    classes) whose training moved their predictions away from their claimed classes; at
-    most `max_share` of them, those moving away from their claims first, then the least
-    agreeing."""
+    that median is at least MIN_MEDIAN_AGREEMENT), or whose training moved their
+    predictions away from their claimed classes (given `start`, the model the clients
+    trained from, and their `class_counts`, models x classes); at most `max_share` of
+    them, those moving away from their claims first, then the least agreeing."""
     if not 0 < ratio <= 1:
         raise ValueError(f"the screen ratio must be in (0, 1], got {ratio}")
     unknown = [float("nan")] * len(models)
