@@ -110,9 +110,10 @@ class NeuronFusion(CheckedMerge):
             return contents[0]["arrays"], metrics
         client_models, averaged = self.clients_and_average(contents)
         every_valid, average_of_all = valid, averaged
+        fit_part, check_part = self._proxy_split()
         if self.fuses(server_round) and self.screen_ratio:
             valid, contents, client_models, averaged = self._screen(server_round, valid, contents, client_models,
-                                                                    averaged, record)
+                                                                    averaged, fit_part, record)
         sizes = self.example_weights(contents)
         if self.size_cap:
             record.extra["sizes_capped"] = [self._partition(msg) for msg, size in zip(valid, sizes)
@@ -125,7 +126,6 @@ class NeuronFusion(CheckedMerge):
             [torch.from_numpy(content["attributions"][name].numpy()) for name in self.level_widths]
             for content in contents
         ]
-        fit_part, check_part = self._proxy_split()
         class_weights = None if self.num_classes is None else self._class_weights(valid, sizes, client_models,
                                                                                     fit_part, record)
         # Every client started from the global model: its neurons correspond, no k-means++ restarts.
@@ -157,15 +157,14 @@ class NeuronFusion(CheckedMerge):
         return array_record(models.exchanged_state(candidates[selected])), metrics
 
     def _screen(self, server_round: int, valid: list[Message], contents: list, client_models: list[nn.Module],
-                averaged: nn.Module, record: RoundRecord):
-        """Leave out the models `screen` flags (strategies.fusion.screening): the valid
+                averaged: nn.Module, proxy: torch.Tensor, record: RoundRecord):
+        """Leave out the models `screen` flags on `proxy` (strategies.fusion.screening): the valid
         replies, their contents and models, and the average, of the clients that stay. The
         round's record lists every partition's figures and the screened partitions."""
         start = None if self._round_start is None else models.with_state(self.template, self._round_start)
         claimed = None if self.num_classes is None else torch.tensor(
             [content["class-counts"]["counts"] for content in contents], dtype=torch.float64)
-        fit_part, _ = self._proxy_split()
-        result = screen(client_models, fit_part, start, claimed, self.screen_ratio)
+        result = screen(client_models, proxy, start, claimed, self.screen_ratio)
         partitions = [str(self._partition(msg)) for msg in valid]
         record.extra.update(screened=[int(partitions[i]) for i in result.screened],
                             screen_agreement=dict(zip(partitions, np.round(result.agreement, 4).tolist())),

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from strategies.fusion.claims import predicted_shares, proxy_probabilities
 from strategies.fusion.screening import MIN_MEDIAN_AGREEMENT, claim_alignments, ensemble_agreements, screen
 
 CLASSES, DIM = 4, 12
@@ -72,7 +73,7 @@ def test_honest_clients_pass_and_a_label_flipped_model_is_screened(federation):
 def test_a_sign_flipped_model_is_screened_for_unlearning_its_claimed_classes(federation):
     start, shards, clients, counts, proxy = federation
     attacked = [_sign_flipped(clients[0], start)] + clients[1:]
-    alignment = claim_alignments(attacked, start, counts, proxy)
+    alignment = claim_alignments(predicted_shares(attacked, proxy), predicted_shares([start], proxy)[0], counts)
     assert alignment[0] < 0 < min(alignment[1:])
     # With agreement all but off, unlearning alone flags it.
     assert screen(attacked, proxy, start, counts, ratio=0.01).screened == [0]
@@ -96,14 +97,14 @@ def test_fewer_than_half_are_screened_unlearning_first_then_the_least_agreeing(f
 def test_agreement_is_leave_one_out(federation):
     _, _, clients, _, proxy = federation
     # Identical models agree fully with each other's predictions.
-    assert ensemble_agreements([clients[0], copy.deepcopy(clients[0])], proxy) == [1.0, 1.0]
+    assert ensemble_agreements(proxy_probabilities([clients[0], copy.deepcopy(clients[0])], proxy)) == [1.0, 1.0]
     # A model is judged by the others' ensemble only: with two copies of B, A's agreement
     # is the share of samples where A predicts B's class, whatever A itself says.
     a, b = clients[0], clients[1]  # shards {0, 1, 2} and {1, 2, 3}
     with torch.no_grad():
         same = (a(proxy).argmax(1) == b(proxy).argmax(1)).double().mean().item()
     assert 0 < same < 1
-    assert ensemble_agreements([a, b, copy.deepcopy(b)], proxy)[0] == pytest.approx(same)
+    assert ensemble_agreements(proxy_probabilities([a, b, copy.deepcopy(b)], proxy))[0] == pytest.approx(same)
 
 
 def test_agreement_stands_down_when_the_models_disagree_anyway(federation):

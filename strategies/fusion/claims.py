@@ -34,18 +34,34 @@ class CheckedCounts:
     capped_mass: list[float]  # per model, the share of its claimed histogram above the cap
 
 
+PROXY_BATCH = 256
+
+
 @torch.no_grad()
-def predicted_shares(models: list[nn.Module], proxy: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Models x classes: each model's mean softmax probabilities on the proxy inputs."""
-    shares = []
+def proxy_probabilities(models: list[nn.Module], proxy: torch.Tensor, batch_size: int = PROXY_BATCH) -> torch.Tensor:
+    """Models x samples x classes: each model's softmax probabilities (float64, in eval
+    mode) on the proxy inputs."""
+    probabilities = []
     for model in models:
         mode = model.training
         model.eval()
-        total = sum(model(proxy[start:start + batch_size]).double().softmax(1).sum(0)
-                    for start in range(0, len(proxy), batch_size))
+        probabilities.append(torch.cat([model(proxy[start:start + batch_size]).double().softmax(1)
+                                        for start in range(0, len(proxy), batch_size)]))
         model.train(mode)
-        shares.append(total / len(proxy))
-    return torch.stack(shares)
+    return torch.stack(probabilities)
+
+
+def mean_shares(probabilities: torch.Tensor, batch_size: int = PROXY_BATCH) -> torch.Tensor:
+    """Models x classes: the mean of `proxy_probabilities` over the samples, summed batch by
+    batch (the order the shares were always summed in, so seeded runs repeat to the bit)."""
+    count = probabilities.shape[1]
+    return torch.stack([sum(p[start:start + batch_size].sum(0) for start in range(0, count, batch_size)) / count
+                        for p in probabilities])
+
+
+def predicted_shares(models: list[nn.Module], proxy: torch.Tensor, batch_size: int = PROXY_BATCH) -> torch.Tensor:
+    """Models x classes: each model's mean softmax probabilities on the proxy inputs."""
+    return mean_shares(proxy_probabilities(models, proxy, batch_size), batch_size)
 
 
 def checked_class_counts(claimed: torch.Tensor, predicted: torch.Tensor, cap: float,

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from strategies.fusion.claims import predicted_shares
+from strategies.fusion.claims import mean_shares, predicted_shares, proxy_probabilities
 
 SCREEN_RATIO = 0.5  # the default: flag agreement below half the round's median
 # Below this median agreement the models disagree too much for agreement to single one
@@ -53,32 +53,21 @@ class Screening:
     alignment: list[float]  # per model, how its training moved its predictions toward its claims (nan: unknown)
 
 
-@torch.no_grad()
-def ensemble_agreements(models: list[nn.Module], proxy: torch.Tensor, batch_size: int = 256) -> list[float]:
+def ensemble_agreements(probabilities: torch.Tensor) -> list[float]:
     """Per model, the share of proxy samples on which its argmax is the argmax of the
-    other models' mean softmax."""
-    probs = []
-    for model in models:
-        mode = model.training
-        model.eval()
-        probs.append(torch.cat([model(proxy[i:i + batch_size]).double().softmax(1)
-                                for i in range(0, len(proxy), batch_size)]))
-        model.train(mode)
-    probs = torch.stack(probs)
-    total = probs.sum(0)
-    return [float((p.argmax(1) == (total - p).argmax(1)).double().mean()) for p in probs]
+    other models' mean softmax (`probabilities`: models x samples x classes)."""
+    total = probabilities.sum(0)
+    return [float((p.argmax(1) == (total - p).argmax(1)).double().mean()) for p in probabilities]
 
 
-def claim_alignments(models: list[nn.Module], start: nn.Module, class_counts: torch.Tensor,
-                     proxy: torch.Tensor) -> list[float]:
+def claim_alignments(shares: torch.Tensor, start_shares: torch.Tensor, class_counts: torch.Tensor) -> list[float]:
     """Per model, sum_c q_c log(p_c / p0_c): q its claimed class histogram (normalised), p
-    its mean softmax on the proxy, p0 that of `start`, the model it trained from. Positive
-    when training raised the predicted shares of the classes it claims."""
-    shares = predicted_shares(models, proxy).clamp_min(1e-12)
-    before = predicted_shares([start], proxy)[0].clamp_min(1e-12)
+    its mean softmax on the proxy (`shares`, models x classes), p0 that of the model it
+    trained from (`start_shares`). Positive when training raised the predicted shares of
+    the classes it claims."""
     claimed = class_counts.double()
     claimed = claimed / claimed.sum(1, keepdim=True).clamp_min(1)
-    return (claimed * (shares / before).log()).sum(1).tolist()
+    return (claimed * (shares.clamp_min(1e-12) / start_shares.clamp_min(1e-12)).log()).sum(1).tolist()
 
 
 def screen(models: list[nn.Module], proxy: torch.Tensor, start: nn.Module | None = None,
@@ -94,9 +83,10 @@ def screen(models: list[nn.Module], proxy: torch.Tensor, start: nn.Module | None
     unknown = [float("nan")] * len(models)
     if len(models) < 3:  # two models: neither is the odd one out
         return Screening([], unknown, unknown)
-    agreement = ensemble_agreements(models, proxy)
+    probabilities = proxy_probabilities(models, proxy)  # one pass of each model over the proxy serves both tests
+    agreement = ensemble_agreements(probabilities)
     alignment = unknown if start is None or class_counts is None else \
-        claim_alignments(models, start, class_counts, proxy)
+        claim_alignments(mean_shares(probabilities), predicted_shares([start], proxy)[0], class_counts)
     median = float(np.median(agreement))
     bound = ratio * median if median >= MIN_MEDIAN_AGREEMENT else 0.0
     flagged = [i for i in range(len(models)) if agreement[i] < bound or alignment[i] < 0]
