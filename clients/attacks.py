@@ -13,7 +13,11 @@ seed, and every random draw is seeded by (seed, round, partition).
   holds fewest of: fusion weighs each model's logit of a class by its claimed share.
 - `lie-size`: an honest model, with 10x its examples claimed (and its histogram scaled
   to match): FedAvg weighs each update by its example count.
-- `noise`: a Gaussian update of the honest update's norm."""
+- `noise`: a Gaussian update of the honest update's norm.
+
+`absent` is the reference the attacks are measured against, not an attack: the same
+clients send nothing (their training and check replies fail), so the run shows what a
+perfect defence would leave, the clean run less the attackers' data."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from clients.faults import chosen_partitions, seeded_rng
 from models import NORM_STATISTICS
 
 ATTACK_KINDS = ("sign-flip", "label-flip", "lie-counts", "lie-size", "noise")
+ABSENT = "absent"
 SIZE_FACTOR = 10
 
 
@@ -34,6 +39,16 @@ def attacking_partitions(count: int, num_clients: int, seed: int) -> set[int]:
 def is_attacker(task, partition_id: int) -> bool:
     return task.attackers > 0 and partition_id in attacking_partitions(task.attackers, task.federation.clients,
                                                                         task.federation.seed)
+
+
+class AbsentAttacker(RuntimeError):
+    """An `absent` attacker's reply: it fails, so the server goes on without it."""
+
+
+def fail_if_absent(task, partition_id: int) -> None:
+    if task.attack == ABSENT and is_attacker(task, partition_id):
+        raise AbsentAttacker(f"client {partition_id} is one of the {task.attackers} absent attackers "
+                             f"(--attack {ABSENT})")
 
 
 def training_labels(task, partition_id: int, labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -42,6 +42,7 @@ def train(msg: Message, context: Context) -> Message:
     pid = partition_id(context)
     seed = task.federation.seed
     faults.maybe_fail(task.client_failure_rate, seed, task.server_round, pid)
+    attacks.fail_if_absent(task, pid)
     update = local_update(task, pid, global_state)
     injected = []
     if attacks.is_attacker(task, pid):
@@ -73,6 +74,7 @@ def check(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     task = TrainTask.from_config(config)
     runtime.configure_threads(task.client_cpus)
+    attacks.fail_if_absent(task, partition_id(context))
     candidates = {name: {k: v.numpy() for k, v in record.items()} for name, record in msg.content.array_records.items()}
     metrics = check_candidates(task, partition_id(context), candidates, int(config["check-samples"]),
                                [float(t) for t in config["check-temperatures"]])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import models
-from clients.attacks import ATTACK_KINDS
+from clients.attacks import ABSENT, ATTACK_KINDS
 from clients.faults import POISON_KINDS
 from clients.training import NORM_STATS
 from data import FederationSpec, InputSpec
@@ -62,8 +62,9 @@ class TrainTask:
     attackers: int = setting(0, "Byzantine simulation: this many clients (the same all run) send well-formed "
                                 "attacked updates", check=whole(0))
     attack: str = setting("sign-flip", "their attack: sign-flip, label-flip, lie-counts (all examples claimed for "
-                                       "one class), lie-size (10x the examples claimed) or noise",
-                          choices=ATTACK_KINDS)
+                                       "one class), lie-size (10x the examples claimed), noise, or absent (they send "
+                                       "nothing: the reference a perfect defence would reach)",
+                          choices=(*ATTACK_KINDS, ABSENT))
     proximal_mu: float = internal(0.0)  # FedProx sets "proximal-mu" itself; 0 is plain SGD
     server_round: int = internal(0)
 

@@ -15,6 +15,7 @@ import data
 import models
 import strategies
 from clients import runtime
+from clients.attacks import ABSENT
 from clients.task import FUSION, TrainTask
 from data.settings import (
     Check,
@@ -216,6 +217,9 @@ class RunSettings:
             if count > spec.clients:
                 raise SettingsError(f"{option} must be a whole number from 0 to --clients ({spec.clients}), "
                                     f"got {count}")
+        if task.attack == ABSENT and task.attackers >= spec.clients:
+            raise SettingsError(f"--attack {ABSENT} with --attackers {task.attackers} leaves no client to train: "
+                                f"give fewer attackers than --clients ({spec.clients})")
         if self.strategy == "fusion" and self.fusion_blends > 1 and self.fusion_check != "clients":
             raise SettingsError(f"--fusion-blends {self.fusion_blends} offers the clients' check more candidates: "
                                 f"it needs --fusion-check clients, got {self.fusion_check}")

@@ -9,10 +9,12 @@ import datetime
 import os
 import platform
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from clients.attacks import ABSENT
 from server.results import is_finished, read_jsonl, read_metrics, read_summary
 from simulations.grid import CENTRALISED, Grid, attack_label, split_label
 from simulations.tables import optional
@@ -170,13 +172,18 @@ def against_best_rival(rows: list[dict]) -> list[dict]:
 def under_attack(rows: list[dict], grid: Grid) -> list[dict]:
     """Every strategy under each attack against its own clean run (the same split and
     seed without attackers), paired by seed: final accuracy and last-rounds mean minus
-    the clean run's."""
-    clean_of, runs_in = {}, {}
+    the clean run's; and where the grid has the `absent` reference (the attackers send
+    nothing), final accuracy minus the reference's: what the strategy let the attack take
+    beyond the attackers' data."""
+    clean_of, absent_of, runs_in = {}, {}, {}
     for run in grid.runs:
         runs_in.setdefault(run.setting, set()).add(run.strategy)
-        suffix = attack_label(run.settings.train_task())
+        task = run.settings.train_task()
+        suffix = attack_label(task)
         if suffix:
             clean_of[run.setting] = run.setting[:-len(suffix)]
+            if task.attack != ABSENT:
+                absent_of[run.setting] = clean_of[run.setting] + attack_label(replace(task, attack=ABSENT))
     curves = _curves(rows)
     lines = []
     for (setting, strategy), by_seed in sorted(curves.items()):
@@ -186,12 +193,19 @@ def under_attack(rows: list[dict], grid: Grid) -> list[dict]:
             continue
         deltas = [by_seed[s][-1]["accuracy"] - clean[s][-1]["accuracy"] for s in seeds]
         last_deltas = [_last_rounds_mean(by_seed[s]) - _last_rounds_mean(clean[s]) for s in seeds]
+        absent = curves.get((absent_of.get(setting), strategy), {})
+        beyond = [by_seed[s][-1]["accuracy"] - absent[s][-1]["accuracy"] for s in seeds if s in absent]
         lines.append({"setting": setting, "strategy": strategy, "seeds": len(seeds), "reached": True,
                       "delta_mean": float(np.mean(deltas)), "delta_std": _std(deltas),
-                      "last_delta_mean": float(np.mean(last_deltas)), "last_delta_std": _std(last_deltas)})
+                      "last_delta_mean": float(np.mean(last_deltas)), "last_delta_std": _std(last_deltas),
+                      "absent_seeds": len(beyond), "beyond_mean": float(np.mean(beyond)) if beyond else None,
+                      "beyond_std": _std(beyond)})
     # A strategy the grid leaves out of an attacked setting ignores what that attack lies
     # about: its runs would repeat the clean ones, so it is listed at 0 with its clean seeds.
+    # (The `absent` reference is not an attack: where a strategy has none, there is no row.)
     for setting, clean_setting in sorted(clean_of.items()):
+        if setting not in absent_of:
+            continue
         for strategy in sorted(runs_in[clean_setting] - runs_in[setting] - {CENTRALISED}):
             seeds = len(curves.get((clean_setting, strategy), {}))
             if seeds:
@@ -262,19 +276,30 @@ def write_report(grid: Grid, out_dir: Path, lines: list[dict], failures: list[di
             "Each strategy under each attack against its own clean run (the same split, seed and strategy "
             f"without attackers): final accuracy and the mean of the last {LAST_ROUNDS} rounds minus the clean "
             "run's, in points (mean ± std over seeds). Not reached: the strategy ignores what the attack lies "
-            "about (its runs would repeat the clean ones; not run).", "",
-            f"| setting | strategy | seeds | final - clean | last {LAST_ROUNDS} rounds - clean |",
-            "| --- | --- | ---: | ---: | ---: |",
+            "about (its runs would repeat the clean ones; not run). `absent` settings are the reference, not an "
+            "attack: the attackers send nothing, as if a defence had caught them all, so their loss is what the "
+            "attackers' data was worth; final - absent (over the seeds both ran): what the attack took beyond "
+            "that.", "",
+            f"| setting | strategy | seeds | final - clean | last {LAST_ROUNDS} rounds - clean | final - absent |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
         ]
         text += [f"| {a['setting']} | {a['strategy']} | {a['seeds']} "
                  f"| {_mean_std(a['delta_mean'], a['delta_std'], 2, 100, signed=True)} "
-                 f"| {_mean_std(a['last_delta_mean'], a['last_delta_std'], 2, 100, signed=True)} |"
-                 if a["reached"] else f"| {a['setting']} | {a['strategy']} | {a['seeds']} | not reached | not reached |"
+                 f"| {_mean_std(a['last_delta_mean'], a['last_delta_std'], 2, 100, signed=True)} "
+                 f"| {_beyond_absent(a)} |"
+                 if a["reached"] else f"| {a['setting']} | {a['strategy']} | {a['seeds']} | not reached | not reached | - |"
                  for a in attacked]
     text += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in sorted(out_dir.glob("*.png"))), ""]
     if failures:
         text += ["## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in failures] + [""]
     (out_dir / "report.md").write_text("\n".join(text))
+
+
+def _beyond_absent(line: dict) -> str:
+    if line["beyond_mean"] is None:
+        return "-"
+    value = _mean_std(line["beyond_mean"], line["beyond_std"], 2, 100, signed=True)
+    return value if line["absent_seeds"] == line["seeds"] else f"{value} ({line['absent_seeds']} seeds)"
 
 
 def write_plots(rows: list[dict], out_dir: Path) -> None:

@@ -164,6 +164,8 @@ def test_bad_attack_settings_are_refused_before_any_run():
     with pytest.raises(SettingsError, match="Krum needs more than 2 x 2 \\+ 2 clients"):
         RunSettings.from_mapping({"dataset": "mnist-5k", "clients": 6, "strategy": "krum",
                                   "malicious_clients": 2}).validate()
+    with pytest.raises(SettingsError, match="leaves no client to train"):
+        RunSettings.from_mapping({"dataset": "mnist-5k", "clients": 4, "attackers": 4, "attack": "absent"}).validate()
 
 
 def test_a_federation_records_its_attackers_and_their_replies_are_taken(tmp_path):
@@ -177,6 +179,26 @@ def test_a_federation_records_its_attackers_and_their_replies_are_taken(tmp_path
     # One partition, both rounds, accepted: well-formed, so only a robust rule can stop it.
     assert len(attacked) == 2 and len({line["partition"] for line in attacked}) == 1
     assert all(line["status"] == "ok" for line in attacked)
+
+
+def test_absent_attackers_fail_every_reply_so_the_others_train_alone(tmp_path):
+    # The reference for the attacks: what a defence that caught every attacker would leave.
+    settings = RunSettings.from_mapping({
+        "dataset": "mnist-5k", "clients": 4, "proxy_size": 100, "seed": 3, "rounds": 2, "lr": 0.05,
+        "batch_size": 32, "ray_num_cpus": 2, "attackers": 1, "attack": "absent", "out": str(tmp_path / "run")})
+    settings.validate()
+    simulate(settings, show_progress=False)
+    absent = attacks.attacking_partitions(1, 4, seed=3)
+    lines = read_jsonl(tmp_path / "run" / "clients.jsonl")
+    assert {line["partition"] for line in lines if line["status"] == "failed"} == absent
+    assert all("absent attackers" in line["reason"] for line in lines if line["status"] == "failed")
+    assert sorted(line["round"] for line in lines if line["status"] == "ok") == [1, 1, 1, 2, 2, 2]
+    rounds = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["clients_ok"], r["clients_failed"]) for r in rounds] == [(3, 1), (3, 1)]
+    # Only `absent` fails a client: the attacks reply.
+    task = settings.train_task()
+    attacks.fail_if_absent(TrainTask(**{**task.__dict__, "attack": "sign-flip"}), next(iter(absent)))
+    attacks.fail_if_absent(task, next(p for p in range(4) if p not in absent))
 
 
 def test_a_lie_counts_claim_cannot_move_the_head_class_weights_past_the_cap():

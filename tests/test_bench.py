@@ -88,7 +88,7 @@ def test_every_shipped_grid_loads_and_few_round_runs_its_rivals(tmp_path, config
     if config.stem == "byzantine":
         settings = {r.setting for r in grid.runs if r.strategy != "centralised"}
         assert "simple-cnn-e1-dir0.1" in settings and "simple-cnn-e1-dir0.1-sign-flip-x2" in settings
-        assert len(settings) == 2 * 6  # each split clean and under each of the 5 attacks
+        assert len(settings) == 2 * 7  # each split clean, under each of the 5 attacks, and the absent reference
         # An attack runs against the strategies that use what it lies about (the others' runs
         # would repeat the clean ones): histograms only fusion reads, sizes FedAvg and fusion weigh by.
         reached = {}
@@ -97,6 +97,7 @@ def test_every_shipped_grid_loads_and_few_round_runs_its_rivals(tmp_path, config
         assert reached["simple-cnn-e1-dir0.1-lie-counts-x2"] == {"fusion"}
         assert reached["simple-cnn-e1-dir0.1-lie-size-x2"] == {"fedavg", "fusion"}
         assert reached["simple-cnn-e1-dir0.1-noise-x2"] == {"fedavg", "krum", "fedmedian", "fedtrimmedavg", "fusion"}
+        assert reached["simple-cnn-e1-dir0.5-absent-x2"] == {"fedavg", "fusion"}
 
 
 def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
@@ -205,6 +206,27 @@ def test_under_attack_lists_a_strategy_the_attack_does_not_reach_at_its_clean_se
     lines = {line["strategy"]: line for line in under_attack(records, grid)}
     assert lines["fedavg"]["reached"] and lines["fedavg"]["delta_mean"] == pytest.approx(-0.2)
     assert not lines["krum"]["reached"] and lines["krum"]["seeds"] == 2 and lines["krum"]["delta_mean"] == 0
+
+
+def test_under_attack_sets_each_attack_against_the_absent_reference_where_there_is_one(tmp_path):
+    from simulations.report import under_attack
+
+    grid = _attacked_grid(tmp_path, 'attack = "noise"\n[[partitions]]\npartition = "dirichlet"\nalpha = 0.1\n'
+                                    'attackers = 1\nattack = "absent"\nstrategies = ["fedavg"]\n')
+    clean, attacked, absent = ("simple-cnn-e1-dir0.1", "simple-cnn-e1-dir0.1-noise-x1",
+                               "simple-cnn-e1-dir0.1-absent-x1")
+    records = _setting_rows((clean, "fedavg", 0, [0.1, 0.7]), (clean, "fedavg", 1, [0.1, 0.8]),
+                            (attacked, "fedavg", 0, [0.1, 0.4]), (attacked, "fedavg", 1, [0.1, 0.6]),
+                            (absent, "fedavg", 0, [0.1, 0.65]), (clean, "krum", 0, [0.1, 0.6]),
+                            (attacked, "krum", 0, [0.1, 0.65]))
+    lines = {(line["setting"], line["strategy"]): line for line in under_attack(records, grid)}
+    # The reference itself: what the attacker's data was worth to FedAvg (seed 0 only).
+    assert lines[absent, "fedavg"]["delta_mean"] == pytest.approx(-0.05) and lines[absent, "fedavg"]["beyond_mean"] is None
+    # Noise took 0.25 of FedAvg's final accuracy from seed 0 beyond the reference; seed 1 has no reference.
+    assert lines[attacked, "fedavg"]["beyond_mean"] == pytest.approx(-0.25) and lines[attacked, "fedavg"]["absent_seeds"] == 1
+    assert lines[attacked, "krum"]["beyond_mean"] is None
+    # Krum has no reference run, and no "not reached" row for one: absent is not an attack.
+    assert (absent, "krum") not in lines
 
 
 def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp_path, monkeypatch):
