@@ -168,12 +168,18 @@ def test_bad_attack_settings_are_refused_before_any_run():
         RunSettings.from_mapping({"dataset": "mnist-5k", "clients": 4, "attackers": 4, "attack": "absent"}).validate()
 
 
-def test_a_federation_records_its_attackers_and_their_replies_are_taken(tmp_path):
+def _attacked_federation(out, attack: str) -> RunSettings:
+    """Two rounds of FedAvg on 4 clients, one of them attacking, run into `out`."""
     settings = RunSettings.from_mapping({
         "dataset": "mnist-5k", "clients": 4, "proxy_size": 100, "seed": 3, "rounds": 2, "lr": 0.05,
-        "batch_size": 32, "ray_num_cpus": 2, "attackers": 1, "attack": "sign-flip", "out": str(tmp_path / "run")})
+        "batch_size": 32, "ray_num_cpus": 2, "attackers": 1, "attack": attack, "out": str(out)})
     settings.validate()
     simulate(settings, show_progress=False)
+    return settings
+
+
+def test_a_federation_records_its_attackers_and_their_replies_are_taken(tmp_path):
+    _attacked_federation(tmp_path / "run", "sign-flip")
     lines = read_jsonl(tmp_path / "run" / "clients.jsonl")
     attacked = [line for line in lines if line.get("injected") == "attack:sign-flip"]
     # One partition, both rounds, accepted: well-formed, so only a robust rule can stop it.
@@ -183,11 +189,7 @@ def test_a_federation_records_its_attackers_and_their_replies_are_taken(tmp_path
 
 def test_absent_attackers_fail_every_reply_so_the_others_train_alone(tmp_path):
     # The reference for the attacks: what a defence that caught every attacker would leave.
-    settings = RunSettings.from_mapping({
-        "dataset": "mnist-5k", "clients": 4, "proxy_size": 100, "seed": 3, "rounds": 2, "lr": 0.05,
-        "batch_size": 32, "ray_num_cpus": 2, "attackers": 1, "attack": "absent", "out": str(tmp_path / "run")})
-    settings.validate()
-    simulate(settings, show_progress=False)
+    settings = _attacked_federation(tmp_path / "run", "absent")
     absent = attacks.attacking_partitions(1, 4, seed=3)
     lines = read_jsonl(tmp_path / "run" / "clients.jsonl")
     assert {line["partition"] for line in lines if line["status"] == "failed"} == absent
