@@ -163,7 +163,7 @@ class CheckedMerge(RecordedRounds, FedAvg):
         # local SGD from it diverged to NaN in round 4): a merged model goes out
         # temperature-scaled, so it is judged at its best temperature.
         unscaled = TEMPERATURES.index(1.0)
-        # The merged models first: they win ties. Averages (FedAvg's, and "average-all" when
+        # The merged models first: they win ties. Averages (FedAvg's, and "average-rescued" when
         # fusion screened clients out) go out as they are, not temperature-scaled.
         merged = [name for name in candidates if not name.startswith("average")]
         averages = [name for name in candidates if name.startswith("average")]

@@ -24,6 +24,10 @@ from strategies.messages import array_record
 from strategies.recording import RoundRecord
 from strategies.validation import reply_problem
 
+# The check's candidate after a screened round: the average with the models screened for
+# disagreement alone put back (named "average*", it goes out unscaled, as an average).
+RESCUED = "average-rescued"
+
 
 class NeuronFusion(CheckedMerge):
     """Each round: validate the replies (model, per-level attributions, class counts),
@@ -109,11 +113,11 @@ class NeuronFusion(CheckedMerge):
             record.extra["fusion_s"] = 0.0
             return contents[0]["arrays"], metrics
         client_models, averaged = self.clients_and_average(contents)
-        every_valid, average_of_all = valid, averaged
+        every_valid, rescued = valid, None
         fit_part, check_part = self._proxy_split()
         if self.fuses(server_round) and self.screen_ratio:
-            valid, contents, client_models, averaged = self._screen(server_round, valid, contents, client_models,
-                                                                    averaged, fit_part, record)
+            valid, contents, client_models, averaged, rescued = self._screen(server_round, valid, contents,
+                                                                             client_models, averaged, fit_part, record)
         sizes = self.example_weights(contents)
         if self.size_cap:
             record.extra["sizes_capped"] = [self._partition(msg) for msg, size in zip(valid, sizes)
@@ -135,12 +139,12 @@ class NeuronFusion(CheckedMerge):
         if self._task_config.get("norm-stats") == "frozen":  # the clients' statistics, which they never update
             restate_norm_statistics(fused, averaged)
         candidates = {"fusion": fused, "average": averaged, **blends(averaged, fused, self.blends)}
-        if averaged is not average_of_all:
-            # Screened clients may be honest ones (non-IID models disagree early on): the
-            # check also weighs the average of every update, and asks every client.
-            candidates["average-all"] = average_of_all
+        if rescued is not None:
+            # Clients screened for disagreement alone may be honest (non-IID models disagree
+            # early on): the check also weighs the average with them put back, and asks every client.
+            candidates[RESCUED] = rescued
         selected, figures = self.choose(server_round, every_valid, client_models, candidates, check_part, record)
-        self.next_training_start(average_of_all if selected == "average-all" else averaged)
+        self.next_training_start(rescued if selected == RESCUED else averaged)
         levels = report["levels"]
         moved = [lv["moved"] for lv in levels if lv["kind"] != "head" and not math.isnan(lv["moved"])]
         record.extra.update(
@@ -159,8 +163,12 @@ class NeuronFusion(CheckedMerge):
     def _screen(self, server_round: int, valid: list[Message], contents: list, client_models: list[nn.Module],
                 averaged: nn.Module, proxy: torch.Tensor, record: RoundRecord):
         """Leave out the models `screen` flags on `proxy` (strategies.fusion.screening): the valid
-        replies, their contents and models, and the average, of the clients that stay. The
-        round's record lists every partition's figures and the screened partitions."""
+        replies, their contents and models, and the average, of the clients that stay; and,
+        when some were screened for disagreement alone, the average with those put back (the
+        `RESCUED` candidate; None otherwise). A model whose training unlearnt the classes it
+        claims is never put back: the average of every update would carry a sign-flip to the
+        clients whenever it won the check. The round's record lists every partition's
+        figures and the screened partitions."""
         start = None if self._round_start is None else models.with_state(self.template, self._round_start)
         claimed = None if self.num_classes is None else torch.tensor(
             [content["class-counts"]["counts"] for content in contents], dtype=torch.float64)
@@ -170,14 +178,20 @@ class NeuronFusion(CheckedMerge):
                             screen_agreement=dict(zip(partitions, np.round(result.agreement, 4).tolist())),
                             screen_alignment=dict(zip(partitions, np.round(result.alignment, 4).tolist())))
         if not result.screened:
-            return valid, contents, client_models, averaged
+            return valid, contents, client_models, averaged, None
         log(WARNING, "round %d: the models of partitions %s disagree with the others' predictions or unlearnt their "
             "own classes: they are left out of the fusion and the average", server_round, record.extra["screened"])
+        unlearnt = {i for i in result.screened if result.alignment[i] < 0}
+        rescued = None
+        if len(unlearnt) < len(result.screened):
+            put_back = [i for i in range(len(valid)) if i not in unlearnt]
+            rescued = averaged if not unlearnt else average_models([client_models[i] for i in put_back],
+                                                                   self.example_weights([contents[i] for i in put_back]))
         kept = [i for i in range(len(valid)) if i not in result.screened]
         contents = [contents[i] for i in kept]
         client_models = [client_models[i] for i in kept]
-        return [valid[i] for i in kept], contents, client_models, average_models(client_models,
-                                                                                self.example_weights(contents))
+        return ([valid[i] for i in kept], contents, client_models,
+                average_models(client_models, self.example_weights(contents)), rescued)
 
     def _class_weights(self, valid: list[Message], sizes: list[float], client_models: list[nn.Module],
                        proxy: torch.Tensor, record: RoundRecord) -> torch.Tensor:

@@ -14,7 +14,8 @@ import strategies
 from clients import attacks, training
 from clients.local_update import ClientUpdate, check_candidates, local_update
 from clients.task import TrainTask
-from strategies.neuron_fusion import blends
+from strategies.fusion.screening import Screening
+from strategies.neuron_fusion import RESCUED, blends
 
 SPEC = data.FederationSpec(dataset="mnist-5k", clients=4, proxy_size=256, seed=0)
 
@@ -460,13 +461,13 @@ def test_a_label_flipping_client_is_screened_out_of_the_fusion_and_the_average(r
     extra = screening.current.extra
     assert extra["screened"] == [0] and extra["screen_agreement"]["0"] < 0.5 * np.median(
         list(extra["screen_agreement"].values()))
-    # Every client checks the candidates, the average of every update among them.
-    assert len(screening._grid.sent) == 4 and "average-all" in screening._grid.sent[0].content.array_records
+    # Every client checks the candidates, the average with the screened model put back among them.
+    assert len(screening._grid.sent) == 4 and RESCUED in screening._grid.sent[0].content.array_records
     # Unless that average wins the check, the clients train next from the average of the three others.
     kept = [models.with_state(template, u.state) for u in updates[1:]]
     three = models.exchanged_state(strategies.fusion.average_models(kept, [u.metrics["num-examples"]
                                                                            for u in updates[1:]]))
-    assert extra["selected"] != "average-all"
+    assert extra["selected"] != RESCUED
     assert all(np.allclose(screening.server_state()["train_start"][k], three[k], atol=1e-5) for k in three)
     # Checked or not, the screened model reaches neither the fused model nor the average: with
     # the check off, the round sends what fusing the three others alone sends.
@@ -497,14 +498,39 @@ def test_when_the_clients_prefer_the_average_of_every_update_it_goes_out_unscale
         round_one, label_flipped):
     template, proxy, test, updates = round_one
     replies = [_message(0, label_flipped)] + [_message(p, u) for p, u in enumerate(updates) if p]
-    strategy = _strategy(template, proxy, fusion_train_from="average", grid=FavouringGrid("average-all"))
+    strategy = _strategy(template, proxy, fusion_train_from="average", grid=FavouringGrid(RESCUED))
     sent, _ = strategy.aggregate_train(1, replies)
-    assert strategy.current.extra["screened"] == [0] and strategy.current.extra["selected"] == "average-all"
+    assert strategy.current.extra["screened"] == [0] and strategy.current.extra["selected"] == RESCUED
     every = [models.with_state(template, {k: v.numpy() for k, v in r.content["arrays"].items()}) for r in replies]
     average = models.exchanged_state(strategies.fusion.average_models(
         every, [r.content["metrics"]["num-examples"] for r in replies]))
     assert all(np.allclose(sent[k].numpy(), average[k], atol=1e-6) for k in average)  # not temperature-scaled
     assert all(np.allclose(strategy.server_state()["train_start"][k], average[k], atol=1e-6) for k in average)
+
+
+@pytest.mark.parametrize("disagreeing", [True, False])
+def test_a_model_that_unlearnt_its_claims_is_never_put_back_into_the_rescued_average(round_one, monkeypatch,
+                                                                                      disagreeing):
+    # Seed 1 of the Byzantine grid, Dirichlet 0.1: both sign-flippers were screened for
+    # unlearning their claims and an honest client for disagreeing; the average of every
+    # update won the check in 3 rounds and carried the sign-flips to the clients.
+    template, proxy, _, updates = round_one
+    screened = [0, 1] if disagreeing else [0]
+    monkeypatch.setattr("strategies.neuron_fusion.screen", lambda *args, **kwargs: Screening(
+        screened, [0.1, 0.1, 0.6, 0.6], [-1.0, 0.3, 0.5, 0.6]))
+    strategy = _strategy(template, proxy, fusion_train_from="average", grid=FavouringGrid(RESCUED))
+    sent, _ = strategy.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
+    assert strategy.current.extra["screened"] == screened
+    offered = strategy._grid.sent[0].content.array_records
+    if not disagreeing:  # nothing to put back: the check weighs no rescued average
+        assert RESCUED not in offered and strategy.current.extra["selected"] != RESCUED
+        return
+    put_back = [models.with_state(template, u.state) for u in updates[1:]]
+    rescued = models.exchanged_state(strategies.fusion.average_models(
+        put_back, [u.metrics["num-examples"] for u in updates[1:]]))
+    assert strategy.current.extra["selected"] == RESCUED
+    assert all(np.allclose(sent[k].numpy(), rescued[k], atol=1e-6) for k in rescued)
+    assert all(np.allclose(strategy.server_state()["train_start"][k], rescued[k], atol=1e-6) for k in rescued)
 
 
 def test_a_sign_flipping_client_is_screened_for_unlearning_the_classes_it_claims(round_one):
