@@ -181,17 +181,19 @@ class NeuronFusion(CheckedMerge):
             return valid, contents, client_models, averaged, None
         log(WARNING, "round %d: the models of partitions %s disagree with the others' predictions or unlearnt their "
             "own classes: they are left out of the fusion and the average", server_round, record.extra["screened"])
+
+        def average_without(left_out) -> nn.Module:
+            indices = [i for i in range(len(valid)) if i not in left_out]
+            return average_models([client_models[i] for i in indices],
+                                  self.example_weights([contents[i] for i in indices]))
+
         unlearnt = {i for i in result.screened if result.alignment[i] < 0}
         rescued = None
-        if len(unlearnt) < len(result.screened):
-            put_back = [i for i in range(len(valid)) if i not in unlearnt]
-            rescued = averaged if not unlearnt else average_models([client_models[i] for i in put_back],
-                                                                   self.example_weights([contents[i] for i in put_back]))
+        if len(unlearnt) < len(result.screened):  # some were screened for disagreement alone
+            rescued = averaged if not unlearnt else average_without(unlearnt)  # `averaged`: every model's, made
         kept = [i for i in range(len(valid)) if i not in result.screened]
-        contents = [contents[i] for i in kept]
-        client_models = [client_models[i] for i in kept]
-        return ([valid[i] for i in kept], contents, client_models,
-                average_models(client_models, self.example_weights(contents)), rescued)
+        return ([valid[i] for i in kept], [contents[i] for i in kept], [client_models[i] for i in kept],
+                average_without(result.screened), rescued)
 
     def _class_weights(self, valid: list[Message], sizes: list[float], client_models: list[nn.Module],
                        proxy: torch.Tensor, record: RoundRecord) -> torch.Tensor:
