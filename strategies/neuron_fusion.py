@@ -113,11 +113,11 @@ class NeuronFusion(CheckedMerge):
             record.extra["fusion_s"] = 0.0
             return contents[0]["arrays"], metrics
         client_models, averaged = self.clients_and_average(contents)
-        every_valid, rescued = valid, None
+        every_valid, rescued, shares = valid, None, None
         fit_part, check_part = self._proxy_split()
         if self.fuses(server_round) and self.screen_ratio:
-            valid, contents, client_models, averaged, rescued = self._screen(server_round, valid, contents,
-                                                                             client_models, averaged, fit_part, record)
+            valid, contents, client_models, averaged, rescued, shares = self._screen(
+                server_round, valid, contents, client_models, averaged, fit_part, record)
         sizes = self.example_weights(contents)
         if self.size_cap:
             record.extra["sizes_capped"] = [self._partition(msg) for msg, size in zip(valid, sizes)
@@ -131,7 +131,7 @@ class NeuronFusion(CheckedMerge):
             for content in contents
         ]
         class_weights = None if self.num_classes is None else self._class_weights(valid, sizes, client_models,
-                                                                                    fit_part, record)
+                                                                                    fit_part, record, shares)
         # Every client started from the global model: its neurons correspond, no k-means++ restarts.
         fused, report = fuse(client_models, [fit_part], attributions, class_weights=class_weights,
                              restarts=False, refine_steps=self.refine_steps, head_target=self.head_target,
@@ -167,8 +167,9 @@ class NeuronFusion(CheckedMerge):
         when some were screened for disagreement alone, the average with those put back (the
         `RESCUED` candidate; None otherwise). A model whose training unlearnt the classes it
         claims is never put back: the average of every update would carry a sign-flip to the
-        clients whenever it won the check. The round's record lists every partition's
-        figures and the screened partitions."""
+        clients whenever it won the check. Last, the kept models' predicted shares on `proxy`
+        (None when too few models were screened). The round's record lists every
+        partition's figures and the screened partitions."""
         start = None if self._round_start is None else models.with_state(self.template, self._round_start)
         claimed = None if self.num_classes is None else torch.tensor(
             [content["class-counts"]["counts"] for content in contents], dtype=torch.float64)
@@ -178,7 +179,7 @@ class NeuronFusion(CheckedMerge):
                             screen_agreement=dict(zip(partitions, np.round(result.agreement, 4).tolist())),
                             screen_alignment=dict(zip(partitions, np.round(result.alignment, 4).tolist())))
         if not result.screened:
-            return valid, contents, client_models, averaged, None
+            return valid, contents, client_models, averaged, None, result.shares
         log(WARNING, "round %d: the models of partitions %s disagree with the others' predictions or unlearnt their "
             "own classes: they are left out of the fusion and the average", server_round, record.extra["screened"])
 
@@ -193,18 +194,20 @@ class NeuronFusion(CheckedMerge):
             rescued = averaged if not unlearnt else average_without(unlearnt)  # `averaged`: every model's, made
         kept = [i for i in range(len(valid)) if i not in result.screened]
         return ([valid[i] for i in kept], [contents[i] for i in kept], [client_models[i] for i in kept],
-                average_without(result.screened), rescued)
+                average_without(result.screened), rescued, None if result.shares is None else result.shares[kept])
 
     def _class_weights(self, valid: list[Message], sizes: list[float], client_models: list[nn.Module],
-                       proxy: torch.Tensor, record: RoundRecord) -> torch.Tensor:
+                       proxy: torch.Tensor, record: RoundRecord, shares: torch.Tensor | None = None) -> torch.Tensor:
         """The clients' class histograms, scaled to their (capped) `sizes` and checked
-        against their models when `claim_cap` is set; the round's record names the
-        partitions whose histogram was not believed."""
+        against their models' predicted shares on `proxy` (`shares` when the screen already
+        computed them) when `claim_cap` is set; the round's record names the partitions
+        whose histogram was not believed."""
         claimed = torch.tensor([msg.content["class-counts"]["counts"] for msg in valid], dtype=torch.float64)
         claimed *= torch.tensor(sizes, dtype=torch.float64)[:, None] / claimed.sum(1, keepdim=True).clamp_min(1)
         if not self.claim_cap:
             return claimed
-        checked = checked_class_counts(claimed, predicted_shares(client_models, proxy), self.claim_cap)
+        predicted = predicted_shares(client_models, proxy) if shares is None else shares
+        checked = checked_class_counts(claimed, predicted, self.claim_cap)
         replaced = [self._partition(valid[i]) for i in checked.replaced]
         if replaced:
             log(WARNING, "round %d: class histograms of partitions %s disagree with their models' predictions: "

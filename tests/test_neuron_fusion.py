@@ -1,6 +1,7 @@
 """NeuronFusion's aggregation on real (tiny) client models, without Ray."""
 
 import copy
+import dataclasses
 import logging
 
 import numpy as np
@@ -548,3 +549,31 @@ def test_a_sign_flipping_client_is_screened_for_unlearning_the_classes_it_claims
     unknown = _strategy(template, proxy, fusion_check="off")
     unknown.aggregate_train(1, replies)
     assert all(value != value for value in unknown.current.extra["screen_alignment"].values())
+
+
+def test_the_class_weights_reuse_the_kept_models_shares_from_the_screen(round_one, monkeypatch):
+    template, proxy, _, updates = round_one
+    start = models.exchanged_state(template)
+    flipped = attacks.attack_update(updates[0], start, "sign-flip", seed=0, server_round=1, partition_id=0)
+    replies = [_message(0, flipped)] + [_message(p, u) for p, u in enumerate(updates) if p]
+
+    def fused_round() -> dict:
+        strategy = _strategy(template, proxy, fusion_check="off")
+        strategy._round_start = ArrayRecord({k: Array(v) for k, v in start.items()})
+        sent, _ = strategy.aggregate_train(1, replies)
+        assert strategy.current.extra["screened"] == [0]
+        return {k: v.numpy() for k, v in sent.items()}
+
+    computed = []
+    real_predicted_shares = strategies.neuron_fusion.predicted_shares
+    monkeypatch.setattr("strategies.neuron_fusion.predicted_shares",
+                        lambda *args: computed.append(1) or real_predicted_shares(*args))
+    reused = fused_round()
+    assert computed == []  # no second pass of the models over the proxy
+    # The same round with the shares computed again sends the same model, to the bit.
+    real_screen = strategies.neuron_fusion.screen
+    monkeypatch.setattr("strategies.neuron_fusion.screen",
+                        lambda *args, **kwargs: dataclasses.replace(real_screen(*args, **kwargs), shares=None))
+    recomputed = fused_round()
+    assert computed == [1]
+    assert all(np.array_equal(reused[k], recomputed[k]) for k in reused)

@@ -94,6 +94,13 @@ def test_fewer_than_half_are_screened_unlearning_first_then_the_least_agreeing(f
         screen(clients, proxy, start, counts, ratio=0)
 
 
+def test_the_screen_gives_each_models_predicted_shares_to_the_bit(federation):
+    start, _, clients, counts, proxy = federation
+    # Fusion's class weights reuse them instead of running every model over the proxy again.
+    assert torch.equal(screen(clients, proxy, start, counts).shares, predicted_shares(clients, proxy))
+    assert screen(clients[:2], proxy, start, counts).shares is None  # too few to screen: none computed
+
+
 def test_agreement_is_leave_one_out(federation):
     _, _, clients, _, proxy = federation
     # Identical models agree fully with each other's predictions.

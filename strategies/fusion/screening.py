@@ -51,6 +51,9 @@ class Screening:
     screened: list[int]  # indices of the flagged models, in the order they were taken
     agreement: list[float]  # per model, its leave-one-out ensemble agreement on the proxy
     alignment: list[float]  # per model, how its training moved its predictions toward its claims (nan: unknown)
+    # Models x classes, each model's mean softmax on the proxy (claims.predicted_shares, to
+    # the bit), for the class weights to reuse; None when too few models were screened.
+    shares: torch.Tensor | None = None
 
 
 def ensemble_agreements(probabilities: torch.Tensor) -> list[float]:
@@ -85,8 +88,9 @@ def screen(models: list[nn.Module], proxy: torch.Tensor, start: nn.Module | None
         return Screening([], unknown, unknown)
     probabilities = proxy_probabilities(models, proxy)  # one pass of each model over the proxy serves both tests
     agreement = ensemble_agreements(probabilities)
+    shares = mean_shares(probabilities)
     alignment = unknown if start is None or class_counts is None else \
-        claim_alignments(mean_shares(probabilities), predicted_shares([start], proxy)[0], class_counts)
+        claim_alignments(shares, predicted_shares([start], proxy)[0], class_counts)
     median = float(np.median(agreement))
     bound = ratio * median if median >= MIN_MEDIAN_AGREEMENT else 0.0
     flagged = [i for i in range(len(models)) if agreement[i] < bound or alignment[i] < 0]
@@ -94,4 +98,4 @@ def screen(models: list[nn.Module], proxy: torch.Tensor, start: nn.Module | None
     # with the others when shards are skewed, but they learn what they hold.
     flagged.sort(key=lambda i: (not alignment[i] < 0, agreement[i]))
     most = int(np.ceil(len(models) * max_share)) - 1
-    return Screening(flagged[:most], agreement, alignment)
+    return Screening(flagged[:most], agreement, alignment, shares)
