@@ -132,6 +132,9 @@ def _killed_in_round_2(out, *flags) -> None:
     assert 1 <= done_before < 3
 
 
+# FedAvg's run (`make test-slow`): the default suite resumes FedAvgM below, the same
+# checkpoint path with a server state to restore besides.
+@pytest.mark.slow
 def test_a_run_killed_mid_round_resumes_to_the_same_result(clean_run, tmp_path):
     summary, _ = clean_run
     out = tmp_path / "killed"
