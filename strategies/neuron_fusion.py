@@ -177,6 +177,7 @@ class NeuronFusion(CheckedMerge):
         partitions = [str(self._partition(msg)) for msg in valid]
         record.extra.update(screened=[int(partitions[i]) for i in result.screened],
                             screen_agreement=dict(zip(partitions, np.round(result.agreement, 4).tolist())),
+                            screen_claim_agreement=dict(zip(partitions, np.round(result.claim_agreement, 4).tolist())),
                             screen_alignment=dict(zip(partitions, np.round(result.alignment, 4).tolist())))
         if not result.screened:
             return valid, contents, client_models, averaged, None, result.shares

@@ -15,7 +15,7 @@ import strategies
 from clients import attacks, training
 from clients.local_update import ClientUpdate, check_candidates, local_update
 from clients.task import TrainTask
-from strategies.fusion.screening import Screening
+from strategies.fusion.screening import MIN_MEDIAN_AGREEMENT, Screening
 from strategies.neuron_fusion import RESCUED, blends
 
 SPEC = data.FederationSpec(dataset="mnist-5k", clients=4, proxy_size=256, seed=0)
@@ -443,15 +443,6 @@ def label_flipped(round_one):
     return local_update(flipper, 0, models.exchanged_state(template))
 
 
-@pytest.fixture()
-def agreement_floor_off(monkeypatch):
-    # Four clients after 3 local epochs on skewed shards agree with each other on 12% of the
-    # proxy (median), below the floor where the agreement test stands down (tested in
-    # test_screening.py): these tests lower it to see the rest of the round at work.
-    monkeypatch.setattr("strategies.fusion.screening.MIN_MEDIAN_AGREEMENT", 0.0)
-
-
-@pytest.mark.usefixtures("agreement_floor_off")
 def test_a_label_flipping_client_is_screened_out_of_the_fusion_and_the_average(round_one, label_flipped):
     template, proxy, test, updates = round_one
     start = models.exchanged_state(template)
@@ -462,6 +453,12 @@ def test_a_label_flipping_client_is_screened_out_of_the_fusion_and_the_average(r
     extra = screening.current.extra
     assert extra["screened"] == [0] and extra["screen_agreement"]["0"] < 0.5 * np.median(
         list(extra["screen_agreement"].values()))
+    # Four clients after 3 local epochs on skewed shards agree on little of the proxy: below
+    # the floor where plain agreement stands down. Where each claims to know they agree,
+    # and the flipper does not.
+    assert np.median(list(extra["screen_agreement"].values())) < MIN_MEDIAN_AGREEMENT
+    claim = extra["screen_claim_agreement"]
+    assert claim["0"] < 0.5 * np.median(list(claim.values()))
     # Every client checks the candidates, the average with the screened model put back among them.
     assert len(screening._grid.sent) == 4 and RESCUED in screening._grid.sent[0].content.array_records
     # Unless that average wins the check, the clients train next from the average of the three others.
@@ -494,7 +491,6 @@ class FavouringGrid(ClientsGrid):
         return replies
 
 
-@pytest.mark.usefixtures("agreement_floor_off")
 def test_when_the_clients_prefer_the_average_of_every_update_it_goes_out_unscaled_and_they_train_from_it(
         round_one, label_flipped):
     template, proxy, test, updates = round_one
@@ -518,7 +514,8 @@ def test_a_model_that_unlearnt_its_claims_is_never_put_back_into_the_rescued_ave
     template, proxy, _, updates = round_one
     screened = [0, 1] if disagreeing else [0]
     monkeypatch.setattr("strategies.neuron_fusion.screen", lambda *args, **kwargs: Screening(
-        screened, [0.1, 0.1, 0.6, 0.6], [-1.0, 0.3, 0.5, 0.6]))
+        screened, agreement=[0.1, 0.1, 0.6, 0.6], claim_agreement=[0.1, 0.1, 0.6, 0.6],
+        alignment=[-1.0, 0.3, 0.5, 0.6]))
     strategy = _strategy(template, proxy, fusion_train_from="average", grid=FavouringGrid(RESCUED))
     sent, _ = strategy.aggregate_train(1, [_message(p, u) for p, u in enumerate(updates)])
     assert strategy.current.extra["screened"] == screened

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from strategies.fusion.claims import predicted_shares, proxy_probabilities
-from strategies.fusion.screening import MIN_MEDIAN_AGREEMENT, claim_alignments, ensemble_agreements, screen
+from strategies.fusion.screening import (MIN_MEDIAN_AGREEMENT, claim_agreements, claim_alignments, ensemble_agreements,
+                                         screen)
 
 CLASSES, DIM = 4, 12
 
@@ -67,6 +68,9 @@ def test_honest_clients_pass_and_a_label_flipped_model_is_screened(federation):
     result = screen(clients[:3] + [flipped] + clients[4:], proxy, start, flipped_counts)
     assert result.screened == [3]
     assert result.agreement[3] < 0.5 * sorted(result.agreement)[3]
+    # It disagrees most where it claims to know: on the samples the others assign to the
+    # classes it claims, it predicts other classes.
+    assert result.claim_agreement[3] < 0.5 * sorted(result.claim_agreement)[3] < min(honest.claim_agreement)
     assert result.alignment[3] > 0  # its histogram matches what it learnt: only its predictions give it away
 
 
@@ -114,16 +118,40 @@ def test_agreement_is_leave_one_out(federation):
     assert ensemble_agreements(proxy_probabilities([a, b, copy.deepcopy(b)], proxy))[0] == pytest.approx(same)
 
 
+def test_an_honest_specialist_is_judged_where_it_claims_to_know(federation):
+    start, _, clients, counts, proxy = federation
+    # A client that holds one class predicts it everywhere: it agrees with the others on
+    # a quarter of the proxy, and plain agreement screens it; where the others see its
+    # class it agrees with them, and with its histogram it stays.
+    generator = torch.Generator().manual_seed(3)
+    x, y = _blobs(200, [3], generator)
+    models = clients + [_trained(start, x, y, steps=100)]
+    with_counts = torch.cat([counts, torch.bincount(y, minlength=CLASSES).double()[None]])
+    judged = screen(models, proxy, start, with_counts)
+    assert judged.agreement[6] < 0.5 * sorted(judged.agreement)[3] and judged.claim_agreement[6] > 0.9
+    assert judged.screened == []
+    assert screen(models, proxy, start, None).screened == [6]
+    # Claim agreement weighs each sample by the claimed share of the class the others see.
+    probabilities = proxy_probabilities(models, proxy)
+    others = (probabilities.sum(0) - probabilities[6]).argmax(1)
+    seen_as_three = others == 3
+    expected = float((probabilities[6].argmax(1)[seen_as_three] == 3).double().mean())
+    assert claim_agreements(probabilities, with_counts)[6] == pytest.approx(expected)
+
+
 def test_agreement_stands_down_when_the_models_disagree_anyway(federation):
     start, _, _, _, proxy = federation
-    # Models that know nothing but their one class agree little with any ensemble: the
-    # median falls below the floor, and none is screened for disagreeing, though their
-    # agreements differ.
+    # Models that know nothing but their one class agree little with any ensemble.
+    # Without histograms the median falls below the floor, and none is screened for
+    # disagreeing, though their agreements differ; with them, no model's claimed class
+    # is what the others predict often enough to judge it by (nan), and none is either.
     generator = torch.Generator().manual_seed(1)
     shards = [_blobs(200, [c], generator) for c in range(CLASSES)]
     specialists = [_trained(start, x, y, steps=100) for x, y in shards]
     counts = torch.stack([torch.bincount(y, minlength=CLASSES) for _, y in shards]).double()
+    blind = screen(specialists, proxy, None, None, ratio=1.0)
+    assert sorted(blind.agreement)[1] < MIN_MEDIAN_AGREEMENT and min(blind.agreement) < max(blind.agreement)
+    assert blind.screened == []
     result = screen(specialists, proxy, start, counts, ratio=1.0)
-    assert sorted(result.agreement)[1] < MIN_MEDIAN_AGREEMENT
-    assert min(result.agreement) < max(result.agreement) and min(result.alignment) > 0
+    assert all(a != a for a in result.claim_agreement) and min(result.alignment) > 0
     assert result.screened == []
