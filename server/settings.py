@@ -101,9 +101,9 @@ class RunSettings:
         check=Check(lambda v: v == 0 or v >= 1, "must be 0 (off) or at least 1"), strategies=FUSION)
     fusion_screen: float = setting(
         SCREEN_RATIO, "leave out of a round's fusion and average the models whose predictions on the proxy agree with "
-                      "the others' less than this share of the round's median (when that median is at least "
-                      "0.25), or whose training lowered the predicted shares of the classes they claim (0: fuse "
-                      "every valid model)",
+                      "the others' less than this share of the round's median, both overall and where they claim "
+                      "to know (without class histograms: overall, when that median is at least 0.25), or whose "
+                      "training lowered the predicted shares of the classes they claim (0: fuse every valid model)",
         check=Check(lambda v: 0 <= v <= 1, "must be 0 (off) or in (0, 1]"), strategies=FUSION)
     server_lr: float = setting(1.0, "FedAvgM's server learning rate",
                                check=number(0, low_open=True, phrase="must be a positive number"),
