@@ -192,7 +192,8 @@ class NeuronFusion(CheckedMerge):
         unlearnt = {i for i in result.screened if result.alignment[i] < 0}
         rescued = None
         if len(unlearnt) < len(result.screened):  # some were screened for disagreement alone
-            rescued = averaged if not unlearnt else average_without(unlearnt)  # `averaged`: every model's, made
+            # With none unlearnt that is every model's average, already made.
+            rescued = averaged if not unlearnt else average_without(unlearnt)
         kept = [i for i in range(len(valid)) if i not in result.screened]
         return ([valid[i] for i in kept], [contents[i] for i in kept], [client_models[i] for i in kept],
                 average_without(result.screened), rescued, None if result.shares is None else result.shares[kept])

@@ -71,11 +71,17 @@ class Screening:
     shares: torch.Tensor | None = None
 
 
+def _leave_one_out(probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Models x samples: the class of the other models' mean softmax, and whether the
+    model's own argmax is that class (`probabilities`: models x samples x classes)."""
+    others = (probabilities.sum(0, keepdim=True) - probabilities).argmax(2)
+    return others, probabilities.argmax(2) == others
+
+
 def ensemble_agreements(probabilities: torch.Tensor) -> list[float]:
     """Per model, the share of proxy samples on which its argmax is the argmax of the
     other models' mean softmax (`probabilities`: models x samples x classes)."""
-    total = probabilities.sum(0)
-    return [float((p.argmax(1) == (total - p).argmax(1)).double().mean()) for p in probabilities]
+    return _leave_one_out(probabilities)[1].double().mean(1).tolist()
 
 
 def claim_agreements(probabilities: torch.Tensor, class_counts: torch.Tensor,
@@ -86,15 +92,11 @@ def claim_agreements(probabilities: torch.Tensor, class_counts: torch.Tensor,
     sums to less than `min_claimed` samples."""
     claimed = class_counts.double()
     claimed = claimed / claimed.sum(1, keepdim=True).clamp_min(1)
-    total = probabilities.sum(0)
-    agreements = []
-    for p, shares in zip(probabilities, claimed):
-        others = (total - p).argmax(1)
-        weights = shares[others]
-        evidence = float(weights.sum())
-        agreements.append(float((weights * (p.argmax(1) == others)).sum()) / evidence
-                          if evidence >= min_claimed else float("nan"))
-    return agreements
+    others, agrees = _leave_one_out(probabilities)
+    weights = claimed.gather(1, others)  # each sample's weight: the claimed share of the class the others see
+    evidence = weights.sum(1)
+    agreement = (weights * agrees).sum(1) / evidence.clamp_min(1e-12)
+    return torch.where(evidence >= min_claimed, agreement, float("nan")).tolist()
 
 
 def claim_alignments(shares: torch.Tensor, start_shares: torch.Tensor, class_counts: torch.Tensor) -> list[float]:
