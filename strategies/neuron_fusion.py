@@ -7,6 +7,7 @@ fedfuse's common discipline (RecordedRounds); FedAvg supplies configure_train.""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from logging import WARNING
 
 import numpy as np
@@ -27,6 +28,21 @@ from strategies.validation import reply_problem
 # The check's candidate after a screened round: the average with the models screened for
 # disagreement alone put back (named "average*", it goes out unscaled, as an average).
 RESCUED = "average-rescued"
+
+
+@dataclass
+class Kept:
+    """What a round's screen leaves to fuse: the valid replies that stay, their contents
+    and models, and their average; `rescued` is the average with the models screened for
+    disagreement alone put back (None when none were), `shares` the kept models'
+    predicted class shares on the proxy (None when the screen did not compute them)."""
+
+    replies: list[Message]
+    contents: list
+    client_models: list[nn.Module]
+    averaged: nn.Module
+    rescued: nn.Module | None = None
+    shares: torch.Tensor | None = None
 
 
 class NeuronFusion(CheckedMerge):
@@ -113,11 +129,13 @@ class NeuronFusion(CheckedMerge):
             record.extra["fusion_s"] = 0.0
             return contents[0]["arrays"], metrics
         client_models, averaged = self.clients_and_average(contents)
-        every_valid, rescued, shares = valid, None, None
+        every_valid = valid
         fit_part, check_part = self._proxy_split()
+        kept = Kept(valid, contents, client_models, averaged)
         if self.fuses(server_round) and self.screen_ratio:
-            valid, contents, client_models, averaged, rescued, shares = self._screen(
-                server_round, valid, contents, client_models, averaged, fit_part, record)
+            kept = self._screen(server_round, kept, fit_part, record)
+        valid, contents, client_models, averaged, rescued = (
+            kept.replies, kept.contents, kept.client_models, kept.averaged, kept.rescued)
         sizes = self.example_weights(contents)
         if self.size_cap:
             record.extra["sizes_capped"] = [self._partition(msg) for msg, size in zip(valid, sizes)
@@ -131,7 +149,7 @@ class NeuronFusion(CheckedMerge):
             for content in contents
         ]
         class_weights = None if self.num_classes is None else self._class_weights(valid, sizes, client_models,
-                                                                                    fit_part, record, shares)
+                                                                                    fit_part, record, kept.shares)
         # Every client started from the global model: its neurons correspond, no k-means++ restarts.
         fused, report = fuse(client_models, [fit_part], attributions, class_weights=class_weights,
                              restarts=False, refine_steps=self.refine_steps, head_target=self.head_target,
@@ -160,16 +178,15 @@ class NeuronFusion(CheckedMerge):
         )
         return array_record(models.exchanged_state(candidates[selected])), metrics
 
-    def _screen(self, server_round: int, valid: list[Message], contents: list, client_models: list[nn.Module],
-                averaged: nn.Module, proxy: torch.Tensor, record: RoundRecord):
-        """Leave out the models `screen` flags on `proxy` (strategies.fusion.screening): the valid
-        replies, their contents and models, and the average, of the clients that stay; and,
-        when some were screened for disagreement alone, the average with those put back (the
-        `RESCUED` candidate; None otherwise). A model whose training unlearnt the classes it
-        claims is never put back: the average of every update would carry a sign-flip to the
-        clients whenever it won the check. Last, the kept models' predicted shares on `proxy`
-        (None when too few models were screened). The round's record lists every
-        partition's figures and the screened partitions."""
+    def _screen(self, server_round: int, every: Kept, proxy: torch.Tensor, record: RoundRecord) -> Kept:
+        """Leave out of `every` (the round's valid replies) the models `screen` flags on
+        `proxy` (strategies.fusion.screening). When some were screened for disagreement
+        alone, the result's `rescued` is the average with those put back (the `RESCUED`
+        candidate). A model whose training unlearnt the classes it claims is never put
+        back: the average of every update would carry a sign-flip to the clients whenever
+        it won the check. The round's record lists every partition's figures and the
+        screened partitions."""
+        valid, contents, client_models = every.replies, every.contents, every.client_models
         start = None if self._round_start is None else models.with_state(self.template, self._round_start)
         claimed = None if self.num_classes is None else torch.tensor(
             [content["class-counts"]["counts"] for content in contents], dtype=torch.float64)
@@ -180,7 +197,7 @@ class NeuronFusion(CheckedMerge):
                             screen_claim_agreement=dict(zip(partitions, np.round(result.claim_agreement, 4).tolist())),
                             screen_alignment=dict(zip(partitions, np.round(result.alignment, 4).tolist())))
         if not result.screened:
-            return valid, contents, client_models, averaged, None, result.shares
+            return Kept(valid, contents, client_models, every.averaged, shares=result.shares)
         log(WARNING, "round %d: the models of partitions %s disagree with the others' predictions or unlearnt their "
             "own classes: they are left out of the fusion and the average", server_round, record.extra["screened"])
 
@@ -193,10 +210,10 @@ class NeuronFusion(CheckedMerge):
         rescued = None
         if len(unlearnt) < len(result.screened):  # some were screened for disagreement alone
             # With none unlearnt that is every model's average, already made.
-            rescued = averaged if not unlearnt else average_without(unlearnt)
+            rescued = every.averaged if not unlearnt else average_without(unlearnt)
         kept = [i for i in range(len(valid)) if i not in result.screened]
-        return ([valid[i] for i in kept], [contents[i] for i in kept], [client_models[i] for i in kept],
-                average_without(result.screened), rescued, None if result.shares is None else result.shares[kept])
+        return Kept([valid[i] for i in kept], [contents[i] for i in kept], [client_models[i] for i in kept],
+                    average_without(result.screened), rescued, None if result.shares is None else result.shares[kept])
 
     def _class_weights(self, valid: list[Message], sizes: list[float], client_models: list[nn.Module],
                        proxy: torch.Tensor, record: RoundRecord, shares: torch.Tensor | None = None) -> torch.Tensor:
