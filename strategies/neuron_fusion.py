@@ -7,7 +7,7 @@ fedfuse's common discipline (RecordedRounds); FedAvg supplies configure_train.""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import WARNING
 
 import numpy as np
@@ -197,7 +197,7 @@ class NeuronFusion(CheckedMerge):
                             screen_claim_agreement=dict(zip(partitions, np.round(result.claim_agreement, 4).tolist())),
                             screen_alignment=dict(zip(partitions, np.round(result.alignment, 4).tolist())))
         if not result.screened:
-            return Kept(valid, contents, client_models, every.averaged, shares=result.shares)
+            return replace(every, shares=result.shares)
         log(WARNING, "round %d: the models of partitions %s disagree with the others' predictions or unlearnt their "
             "own classes: they are left out of the fusion and the average", server_round, record.extra["screened"])
 
