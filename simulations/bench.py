@@ -76,8 +76,7 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
             group["walls"].append(read_summary(run.settings.out)["wall_s"])
         group["finished" if finished else "pending"] += in_slice
 
-    @functools.cache  # the FedAvg fallback asks again per group; other grids' records are read once
-    def estimate(model: str, epochs: int, strategy: str) -> tuple[float | None, str]:
+    def from_this_grid(model: str, epochs: int, strategy: str) -> tuple[float | None, str]:
         walls = groups.get((model, epochs, strategy), {}).get("walls")
         if walls:
             return sum(walls) / len(walls), "measured"
@@ -85,24 +84,33 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
                   if (m, s) == (model, strategy) and other != epochs for wall in g["walls"]]
         if scaled:
             return sum(scaled) / len(scaled), "scaled from other local epochs"
+        return None, ""
+
+    @functools.cache  # the FedAvg fallback asks again per group; other grids' records are read once
+    def from_any_grid(model: str, epochs: int, strategy: str) -> tuple[float | None, str]:
+        per_run, basis = from_this_grid(model, epochs, strategy)
         rounds = groups.get((model, epochs, strategy), {}).get("rounds")
-        return _from_other_grids(Path(out), model, strategy, epochs, rounds) if rounds else (None, "")
+        if per_run is None and rounds:
+            return _from_other_grids(Path(out), model, strategy, epochs, rounds)
+        return per_run, basis
 
     lines = []
     for (model, epochs, strategy), group in groups.items():
         if not group["selected"]:
             continue
-        per_run, basis = estimate(model, epochs, strategy)
-        if per_run is None:
+        per_run, basis = from_this_grid(model, epochs, strategy)
+        if per_run is None:  # a variant run here beats the same label run elsewhere, in another regime
             variants = [(len(group["settings"].items() ^ other["settings"].items()), label)
                         for (m, e, label), other in groups.items()
                         if (m, e) == (model, epochs) and other["walls"] and label != strategy
                         and other["settings"]["strategy"] == group["settings"]["strategy"]]
             if variants:
                 label = min(variants)[1]
-                per_run, basis = estimate(model, epochs, label)[0], f"like {label}'s"
+                per_run, basis = from_this_grid(model, epochs, label)[0], f"like {label}'s"
+        if per_run is None:
+            per_run, basis = from_any_grid(model, epochs, strategy)
         if per_run is None and strategy not in ("fedavg", CENTRALISED):
-            per_run, fedavg_basis = estimate(model, epochs, "fedavg")
+            per_run, fedavg_basis = from_any_grid(model, epochs, "fedavg")
             if per_run is not None:
                 basis = f"at least FedAvg's ({fedavg_basis})"
         lines.append({"model": model, "local_epochs": epochs, "strategy": strategy, "finished": group["finished"],
@@ -113,9 +121,9 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
 
 
 def _from_other_grids(out: Path, model: str, strategy: str, epochs: int, rounds: int) -> tuple[float | None, str]:
-    """A new grid's estimate: the finished runs of the same strategy label and model in
-    the grids next to `out` (results/*), at the same local epochs scaled by rounds, or
-    else scaled by rounds x local epochs. Returns (seconds per run or None, basis)."""
+    """An estimate from the finished runs of the same strategy label and model in the
+    grids next to `out` (results/*), at the same local epochs scaled by rounds, or else
+    scaled by rounds x local epochs. Returns (seconds per run or None, basis)."""
     found = []  # (local epochs, wall seconds per round, grid)
     for summary in sorted(out.resolve().parent.glob(f"*/runs/*-{strategy}-s[0-9]*/summary.json")):
         grid = summary.parents[2]

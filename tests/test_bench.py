@@ -239,6 +239,12 @@ def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp
     for run_id, wall in finished.items():
         (out / "runs" / run_id).mkdir(parents=True)
         (out / "runs" / run_id / SUMMARY).write_text(f'{{"wall_s": {wall}}}')
+    # A grid beside it ran fusion-uniform in another regime (one round, 20 epochs): the
+    # variant in this grid is the better guide.
+    beside = tmp_path / "one-shot" / "runs" / "simple-cnn-e20-dir0.5-fusion-uniform-s0"
+    beside.mkdir(parents=True)
+    (beside / SUMMARY).write_text('{"wall_s": 30.0}')
+    (beside / "config.json").write_text('{"model": "simple-cnn", "rounds": 1, "local_epochs": 20}')
     plan = {(line["local_epochs"], line["strategy"]): line for line in bench.plan_grid(str(config), str(out))}
     assert plan[1, "fedavg"]["pending"] == 0 and plan[1, "fedavg"]["minutes_per_run"] == pytest.approx(1.5)
     assert plan[1, "fusion"]["pending"] == 1 and plan[1, "fusion"]["pending_hours"] == pytest.approx(300 / 3600)
