@@ -87,12 +87,9 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
         return None, ""
 
     @functools.cache  # the FedAvg fallback asks again per group; other grids' records are read once
-    def from_any_grid(model: str, epochs: int, strategy: str) -> tuple[float | None, str]:
-        per_run, basis = from_this_grid(model, epochs, strategy)
+    def from_other_grids(model: str, epochs: int, strategy: str) -> tuple[float | None, str]:
         rounds = groups.get((model, epochs, strategy), {}).get("rounds")
-        if per_run is None and rounds:
-            return _from_other_grids(Path(out), model, strategy, epochs, rounds)
-        return per_run, basis
+        return _from_other_grids(Path(out), model, strategy, epochs, rounds) if rounds else (None, "")
 
     lines = []
     for (model, epochs, strategy), group in groups.items():
@@ -108,9 +105,11 @@ def plan_grid(config: str, out: str, only: list[str] | None = None) -> list[dict
                 label = min(variants)[1]
                 per_run, basis = from_this_grid(model, epochs, label)[0], f"like {label}'s"
         if per_run is None:
-            per_run, basis = from_any_grid(model, epochs, strategy)
+            per_run, basis = from_other_grids(model, epochs, strategy)
         if per_run is None and strategy not in ("fedavg", CENTRALISED):
-            per_run, fedavg_basis = from_any_grid(model, epochs, "fedavg")
+            per_run, fedavg_basis = from_this_grid(model, epochs, "fedavg")
+            if per_run is None:
+                per_run, fedavg_basis = from_other_grids(model, epochs, "fedavg")
             if per_run is not None:
                 basis = f"at least FedAvg's ({fedavg_basis})"
         lines.append({"model": model, "local_epochs": epochs, "strategy": strategy, "finished": group["finished"],
