@@ -229,6 +229,15 @@ def test_under_attack_sets_each_attack_against_the_absent_reference_where_there_
     assert (absent, "krum") not in lines
 
 
+def _finished_beside(grid: Path, run_id: str, wall: float, rounds: int, epochs: int,
+                     model: str = "simple-cnn") -> None:
+    """A finished run in another grid's folder, as the plan reads it: wall time and config."""
+    run = grid / "runs" / run_id
+    run.mkdir(parents=True)
+    (run / SUMMARY).write_text(json.dumps({"wall_s": wall}))
+    (run / "config.json").write_text(json.dumps({"model": model, "rounds": rounds, "local_epochs": epochs}))
+
+
 def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_run_one", lambda run: pytest.fail("--plan must not run anything"))
     config = _grid_file(tmp_path, 'strategies = ["fedavg", "fusion", "fusion-uniform", "fedprox"]\nseeds = [0, 1]\nlocal_epochs = [1, 3]\n'
@@ -241,10 +250,7 @@ def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp
         (out / "runs" / run_id / SUMMARY).write_text(f'{{"wall_s": {wall}}}')
     # A grid beside it ran fusion-uniform in another regime (one round, 20 epochs): the
     # variant in this grid is the better guide.
-    beside = tmp_path / "one-shot" / "runs" / "simple-cnn-e20-dir0.5-fusion-uniform-s0"
-    beside.mkdir(parents=True)
-    (beside / SUMMARY).write_text('{"wall_s": 30.0}')
-    (beside / "config.json").write_text('{"model": "simple-cnn", "rounds": 1, "local_epochs": 20}')
+    _finished_beside(tmp_path / "one-shot", "simple-cnn-e20-dir0.5-fusion-uniform-s0", 30.0, rounds=1, epochs=20)
     plan = {(line["local_epochs"], line["strategy"]): line for line in bench.plan_grid(str(config), str(out))}
     assert plan[1, "fedavg"]["pending"] == 0 and plan[1, "fedavg"]["minutes_per_run"] == pytest.approx(1.5)
     assert plan[1, "fusion"]["pending"] == 1 and plan[1, "fusion"]["pending_hours"] == pytest.approx(300 / 3600)
@@ -271,17 +277,11 @@ def test_the_plan_estimates_pending_runs_from_finished_ones_and_runs_nothing(tmp
 def test_a_new_grid_is_estimated_from_the_same_strategy_in_the_grids_beside_it(tmp_path):
     config = _grid_file(tmp_path, 'strategies = ["fedavg", "fusion"]\nlocal_epochs = [1, 2]\n'
                                   '[base]\ndataset = "mnist-5k"\nclients = 4\nrounds = 3\n')
-
-    def finished(run_id: str, wall: float, rounds: int, epochs: int, model: str = "simple-cnn") -> None:
-        run = tmp_path / "other" / "runs" / run_id
-        run.mkdir(parents=True)
-        (run / SUMMARY).write_text(json.dumps({"wall_s": wall}))
-        (run / "config.json").write_text(json.dumps({"model": model, "rounds": rounds, "local_epochs": epochs}))
-
-    finished("simple-cnn-e1-dir0.5-fusion-s0", 400.0, rounds=4, epochs=1)  # 100 s a round
-    finished("simple-cnn-e5-C2-fusion-s1", 900.0, rounds=3, epochs=5)  # 300 s a round of 5 epochs
-    finished("simple-cnn-e1-dir0.5-fusion-uniform-s0", 9999.0, rounds=4, epochs=1)  # another label
-    finished("resnet18-e1-dir0.5-fusion-s0", 9999.0, rounds=4, epochs=1, model="resnet18")
+    other = tmp_path / "other"
+    _finished_beside(other, "simple-cnn-e1-dir0.5-fusion-s0", 400.0, rounds=4, epochs=1)  # 100 s a round
+    _finished_beside(other, "simple-cnn-e5-C2-fusion-s1", 900.0, rounds=3, epochs=5)  # 300 s a round of 5 epochs
+    _finished_beside(other, "simple-cnn-e1-dir0.5-fusion-uniform-s0", 9999.0, rounds=4, epochs=1)  # another label
+    _finished_beside(other, "resnet18-e1-dir0.5-fusion-s0", 9999.0, rounds=4, epochs=1, model="resnet18")
     plan = {(line["local_epochs"], line["strategy"]): line
             for line in bench.plan_grid(str(config), str(tmp_path / "out"))}
     assert plan[1, "fusion"]["basis"] == "from other, scaled by rounds"
